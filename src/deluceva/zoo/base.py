@@ -1,0 +1,155 @@
+"""What every zoo detector provides: a traceable network plus pre- and post-processing kept apart.
+
+Only `network` is delta-converted; pre-processing (resize/letterbox) and post-processing (box decoding, NMS) run
+densely around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from deluceva.errors import DelucevaError
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a source frame was mapped onto the network input: input = source * scale + pad (per axis)."""
+
+    source_hw: tuple[int, int]
+    input_hw: tuple[int, int]
+    scale_xy: tuple[float, float]
+    pad_xy: tuple[float, float]
+
+    def to_source(self, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """Map (K, 4) boxes from network-input pixels back to source pixels, clipped to the frame."""
+        b = boxes_xyxy.astype(np.float32).copy()
+        b[:, [0, 2]] = (b[:, [0, 2]] - self.pad_xy[0]) / self.scale_xy[0]
+        b[:, [1, 3]] = (b[:, [1, 3]] - self.pad_xy[1]) / self.scale_xy[1]
+        h, w = self.source_hw
+        b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
+        b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
+        return b
+
+
+@dataclass
+class Detections:
+    """Detections of one frame: boxes (K, 4) xyxy in source pixels, scores (K,), class_ids (K,) int."""
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    class_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_records(self, names: list[str]) -> list[dict]:
+        """The DESIGN.md record per detection: {label, class_id, score, box: [x1, y1, x2, y2]}."""
+        return [
+            {
+                "label": names[int(c)] if 0 <= int(c) < len(names) else str(int(c)),
+                "class_id": int(c),
+                "score": round(float(s), 5),
+                "box": [round(float(v), 2) for v in b],
+            }
+            for b, s, c in zip(self.boxes, self.scores, self.class_ids, strict=True)
+        ]
+
+    @classmethod
+    def from_records(cls, records: list[dict]) -> Detections:
+        if not records:
+            return cls()
+        return cls(
+            boxes=np.array([r["box"] for r in records], np.float32).reshape(-1, 4),
+            scores=np.array([r["score"] for r in records], np.float32),
+            class_ids=np.array([r["class_id"] for r in records], np.int64),
+        )
+
+
+def nms_per_class(
+    boxes_xyxy: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: float, max_det: int = 300
+) -> np.ndarray:
+    """Indices kept by class-wise NMS (OpenCV's NMSBoxesBatched), best score first."""
+    if len(scores) == 0:
+        return np.zeros((0,), np.int64)
+    xywh = boxes_xyxy.astype(np.float32).copy()
+    xywh[:, 2:] -= xywh[:, :2]
+    keep = cv2.dnn.NMSBoxesBatched(
+        xywh.tolist(), scores.astype(np.float32).tolist(), class_ids.astype(np.int32).tolist(), 0.0, iou
+    )
+    keep = np.asarray(keep, np.int64).reshape(-1)
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    return keep[:max_det]
+
+
+def parse_imgsz(spec: str | int | tuple[int, int] | None, native_hw: tuple[int, int]) -> tuple[int, int] | str:
+    """Parse --imgsz: None -> the model's native (H, W); N -> (N, N); 'WxH' -> (H, W); 'native' -> 'native'.
+
+    Every size must be a multiple of 32.
+    """
+    if spec is None:
+        return native_hw
+    if isinstance(spec, tuple):
+        hw = spec
+    elif isinstance(spec, int):
+        hw = (spec, spec)
+    else:
+        s = spec.strip().lower()
+        if s == "native":
+            return "native"
+        try:
+            if "x" in s:
+                w, h = (int(v) for v in s.split("x"))
+                hw = (h, w)
+            else:
+                hw = (int(s), int(s))
+        except ValueError:
+            raise DelucevaError(f"--imgsz must be N, WxH or 'native', got {spec!r}") from None
+    if hw[0] <= 0 or hw[1] <= 0 or hw[0] % 32 or hw[1] % 32:
+        raise DelucevaError(f"--imgsz {hw[1]}x{hw[0]} (WxH): both sides must be positive multiples of 32")
+    return hw
+
+
+def native_input_hw(source_hw: tuple[int, int]) -> tuple[int, int]:
+    """'native' input size: the video's own size rounded up to a multiple of 32 (the frame is letterboxed in)."""
+    return tuple(int(-(-v // 32) * 32) for v in source_hw)  # type: ignore[return-value]
+
+
+class Detector:
+    """A zoo or user detector. Subclasses (one per family) implement pre- and post-processing.
+
+    network: an fx-traceable nn.Module, `network(x) -> tuple[Tensor, ...]` with x float32 (1, 3, H, W) for any H, W
+    that are multiples of 32; the outputs are the raw head maps (1, C, h, w), decoded by `postprocess`.
+    """
+
+    name: str
+    family: str
+    class_names: list[str]
+    native_hw: tuple[int, int]
+    network: nn.Module
+    license: str = ""
+    conf_threshold: float = 0.25
+    iou_threshold: float = 0.45
+
+    def input_hw(self, imgsz: str | int | tuple[int, int] | None, source_hw: tuple[int, int]) -> tuple[int, int]:
+        hw = parse_imgsz(imgsz, self.native_hw)
+        return native_input_hw(source_hw) if hw == "native" else hw  # type: ignore[return-value]
+
+    def preprocess(self, rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
+        """uint8 (H, W, 3) RGB frame -> float32 (1, 3, h, w) network input and its geometry."""
+        raise NotImplementedError
+
+    def postprocess(self, outputs: tuple[torch.Tensor, ...], geometry: Geometry) -> Detections:
+        """Raw head maps -> detections in source-frame pixels (score threshold, class-wise NMS)."""
+        raise NotImplementedError
+
+    def __call__(self, rgb: np.ndarray, input_hw: tuple[int, int] | None = None) -> Detections:
+        """Dense reference inference on one frame."""
+        x, geo = self.preprocess(rgb, input_hw or self.native_hw)
+        with torch.inference_mode():
+            out = self.network(x)
+        return self.postprocess(out, geo)
