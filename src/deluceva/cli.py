@@ -1,0 +1,182 @@
+"""The `deluceva` command line (Typer + Rich)."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from deluceva.errors import DelucevaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Delta-based neural-network inference for fast video analytics on CPUs.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def progress_bar(transient: bool = False) -> Progress:
+    """A progress bar with count, frames/s and ETA, drawn on stderr."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, transient=transient,
+    )
+
+
+@app.command()
+def detect(
+    source: Annotated[str, typer.Argument(help="Video file, http(s)/rtsp URL, image folder or glob, /dev/videoN")],
+    model: Annotated[str, typer.Option(help="Zoo name (see `deluceva models`) or path to .onnx / .cfg")] = "yolox-nano",
+    family: Annotated[str | None, typer.Option(help="Pre/post-processing family of an .onnx: yolox|yolov5")] = None,
+    names: Annotated[Path | None, typer.Option(help="Class names file, one per line")] = None,
+    imgsz: Annotated[str | None, typer.Option(help="N, WxH or 'native' (multiples of 32); default: model's")] = None,
+    mode: Annotated[str, typer.Option(help="dense | delta")] = "dense",
+    filter_pct: Annotated[float, typer.Option("--filter", help="Delta mode: target filtering percentage 0..100")] = 0.0,
+    refresh_every: Annotated[int | None, typer.Option(help="Delta mode: dense re-seed every N frames")] = None,
+    fps: Annotated[float | None, typer.Option(help="Sample F frames per second by timestamps")] = None,
+    start: Annotated[float, typer.Option(help="Start at this many seconds")] = 0.0,
+    max_frames: Annotated[int | None, typer.Option(help="Stop after N processed frames")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads for inference")] = 1,
+    dense_engine: Annotated[str, typer.Option(help="auto | onnxruntime | torch-cl | torch")] = "auto",
+    conf: Annotated[float | None, typer.Option(help="Score threshold (default: the model's)")] = None,
+    iou: Annotated[float | None, typer.Option(help="NMS IoU threshold (default: the model's)")] = None,
+    out: Annotated[Path | None, typer.Option(help="results.jsonl or results.parquet")] = None,
+    video_out: Annotated[Path | None, typer.Option(help="Annotated video, e.g. annotated.mp4")] = None,
+    stats: Annotated[Path | None, typer.Option(help="Delta mode: per-unit stats per frame (.parquet/.jsonl)")] = None,
+) -> None:
+    """Detect objects in every (sampled) frame of SOURCE and write per-frame results."""
+    from deluceva.engine import Engine, EngineConfig
+    from deluceva.sinks import AnnotatedVideoSink, open_sink
+    from deluceva.video import open_source
+    from deluceva.zoo.registry import load_model
+
+    config = EngineConfig(mode=mode, imgsz=imgsz, filter_pct=filter_pct, threads=threads,  # type: ignore[arg-type]
+                          dense_engine=dense_engine, refresh_every=refresh_every)
+    if max_frames is not None and max_frames < 1:
+        raise DelucevaError(f"--max-frames must be >= 1, got {max_frames}")
+    if stats is not None and mode != "delta":
+        raise DelucevaError("--stats needs --mode delta")
+    detector = load_model(model, family=family, names=names)
+    if conf is not None:
+        detector.conf_threshold = conf
+    if iou is not None:
+        detector.iou_threshold = iou
+    engine = Engine(detector, config)
+    records: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(open_source(source, fps=fps, start=start, max_frames=max_frames))
+        engine.input_hw_for(src.source_hw)  # validates --imgsz before any output is created
+        sink = stack.enter_context(open_sink(out)) if out else None
+        stats_sink = stack.enter_context(open_sink(stats)) if stats else None
+        vsink = None
+        if video_out:
+            vfps = fps or src.nominal_fps or 10.0
+            vsink = stack.enter_context(AnnotatedVideoSink(video_out, fps=vfps, size_hw=src.source_hw,
+                                                           names=detector.class_names))
+        total = src.estimated_frames
+        if max_frames is not None:
+            total = min(total, max_frames) if total else max_frames
+        with progress_bar() as bar:
+            task = bar.add_task(f"{detector.name} {mode}", total=total, rate="")
+            for frame in src:
+                rec = engine.process(frame)
+                records.append(rec)
+                if sink:
+                    sink.write(rec)
+                if stats_sink:
+                    for unit in engine.last_unit_stats:
+                        stats_sink.write({"frame": rec["frame"], **unit})
+                if vsink:
+                    vsink.write(frame.rgb, rec["detections"])
+                rate = 1000.0 / statistics.fmean(r["ms"] for r in records[-20:])
+                bar.update(task, advance=1, rate=f"{rate:5.1f} fps")
+    if not records:
+        raise DelucevaError(f"no frames were decoded from {source}")
+    _print_summary(records, detector.name, out, video_out)
+
+
+def _print_summary(records: list[dict], model: str, out: Path | None, video_out: Path | None) -> None:
+    ms = [r["ms"] for r in records]
+    n_det = sum(len(r["detections"]) for r in records)
+    modes: dict[str, int] = {}
+    for r in records:
+        modes[r["mode"]] = modes.get(r["mode"], 0) + 1
+    t = Table(title=f"deluceva detect — {model}", show_header=False)
+    t.add_row("frames", str(len(records)))
+    t.add_row("modes", ", ".join(f"{k}: {v}" for k, v in modes.items()))
+    t.add_row("ms/frame (median, mean)", f"{statistics.median(ms):.1f}, {statistics.fmean(ms):.1f}")
+    t.add_row("detections", str(n_det))
+    for label, path in (("results", out), ("annotated video", video_out)):
+        if path:
+            t.add_row(label, str(path))
+    console.print(t)
+
+
+@app.command()
+def models() -> None:
+    """List the shipped model zoo: input size, classes, license."""
+    from deluceva.zoo.registry import ZOO
+
+    t = Table(title="Deluceva model zoo", caption="AGPL-3.0 models live in the repository's models/ folder, "
+              "outside the Python package.")
+    for col in ("name", "family", "input WxH", "classes", "license", "available", "description"):
+        t.add_column(col, no_wrap=col != "description")
+    for e in ZOO.values():
+        names = e.path.parent / "coco.names"
+        n_cls = str(sum(1 for line in names.read_text().splitlines() if line.strip())) if names.is_file() else "?"
+        t.add_row(e.name, e.family, f"{e.native_hw[1]}x{e.native_hw[0]}", n_cls, e.license,
+                  "yes" if e.path.is_file() else "no: needs a checkout", e.description)
+    out_console.print(t)
+
+
+@bench_app.command("dense")
+def bench_dense(
+    models_: Annotated[list[str] | None, typer.Option("--model", help="Zoo models (default: all)")] = None,
+    threads: Annotated[list[int] | None, typer.Option("--threads", help="Thread counts (default: 1 2)")] = None,
+    sizes: Annotated[list[str] | None, typer.Option("--imgsz", help="Sizes (default: native 768x448)")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per cell (median)")] = 20,
+    video: Annotated[Path, typer.Option(help="Frames come from this video")] = Path(
+        "assets/video/one-by-one-person-detection.mp4"),
+    out: Annotated[Path, typer.Option(help="JSON output")] = Path("bench/results/dense.json"),
+) -> None:
+    """Dense baselines: our PyTorch paths vs ONNX Runtime vs OpenCV dnn, ms/frame."""
+    from deluceva.eval.bench_dense import run_dense_benchmark
+
+    run_dense_benchmark(models_ or None, threads or [1, 2], sizes or ["native", "768x448"], repeats, video, out,
+                        out_console, progress_bar)
+
+
+def main() -> None:
+    """Entry point: user errors print one line on stderr and exit 2, without a traceback."""
+    try:
+        app(standalone_mode=False)
+    except DelucevaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; partial outputs were removed", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

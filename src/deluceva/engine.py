@@ -1,0 +1,135 @@
+"""The engine: runs a detector over a stream of frames, densely or as a delta network, and owns its state.
+
+Per frame it pre-processes, runs the network (dense executor, or the converted delta network), post-processes, and
+returns the DESIGN.md record: {frame, pts, mode, filter_pct, ms, detections}.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+
+from deluceva.dense import DenseRun, make_dense
+from deluceva.errors import DelucevaError
+from deluceva.zoo.base import Detections, Detector
+
+Mode = Literal["dense", "delta"]
+
+
+class FrameLike(Protocol):
+    index: int
+    pts_seconds: float
+    rgb: np.ndarray
+
+
+@dataclass
+class EngineConfig:
+    """mode: dense or delta; imgsz: None (model's native), N, 'WxH' or 'native' (the video's own size);
+    filter_pct: the delta network's target filtering percentage (0 = exact); refresh_every: in delta mode, run a
+    dense frame every N frames to re-seed the state (None = never); dense_engine: auto|onnxruntime|torch-cl|torch."""
+
+    mode: Mode = "dense"
+    imgsz: str | int | tuple[int, int] | None = None
+    filter_pct: float = 0.0
+    threads: int = 1
+    dense_engine: str = "auto"
+    refresh_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("dense", "delta"):
+            raise DelucevaError(f"--mode must be dense or delta, got {self.mode!r}")
+        if not 0.0 <= self.filter_pct < 100.0:
+            raise DelucevaError(f"--filter must be in [0, 100), got {self.filter_pct}")
+        if self.threads < 1:
+            raise DelucevaError(f"--threads must be >= 1, got {self.threads}")
+        if self.refresh_every is not None and self.refresh_every < 1:
+            raise DelucevaError(f"--refresh-every must be >= 1, got {self.refresh_every}")
+
+
+class Engine:
+    """Stateful per-stream runner. `process(frame) -> record`; `reset()` forgets the stream."""
+
+    def __init__(self, detector: Detector, config: EngineConfig | None = None) -> None:
+        self.detector = detector
+        self.config = config or EngineConfig()
+        torch.set_num_threads(self.config.threads)
+        self._input_hw: tuple[int, int] | None = None
+        self._dense: dict[tuple[int, int], DenseRun] = {}
+        self._delta = None
+        self._frames_since_dense = 0
+        self.last_unit_stats: list[dict[str, Any]] = []
+
+    # -- preparation -------------------------------------------------------------------------------------------
+    def input_hw_for(self, source_hw: tuple[int, int]) -> tuple[int, int]:
+        return self.detector.input_hw(self.config.imgsz, source_hw)
+
+    def prepare(self, source_hw: tuple[int, int]) -> tuple[int, int]:
+        """Build the executor for this source size (ONNX export or delta conversion happens here, once)."""
+        hw = self.input_hw_for(source_hw)
+        if self.config.mode == "dense":
+            if hw not in self._dense:
+                self._dense[hw] = make_dense(self.detector.network, hw, self.config.threads, self.config.dense_engine)
+        elif self._delta is None:
+            from deluceva.convert import convert
+
+            self._delta = convert(self.detector.network, torch.zeros(1, 3, *hw), filter_pct=self.config.filter_pct)
+        self._input_hw = hw
+        return hw
+
+    def ensure_prepared(self, source_hw: tuple[int, int]) -> tuple[int, int]:
+        hw = self.input_hw_for(source_hw)
+        if hw != self._input_hw or (self.config.mode == "dense" and hw not in self._dense):
+            self.prepare(source_hw)
+        return hw
+
+    def reset(self) -> None:
+        if self._delta is not None:
+            self._delta.reset()
+        self._frames_since_dense = 0
+
+    @property
+    def delta_network(self):
+        return self._delta
+
+    # -- per frame -----------------------------------------------------------------------------------------------
+    def _run_delta(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], str]:
+        net = self._delta
+        every = self.config.refresh_every
+        if every is not None and self._frames_since_dense >= every:
+            net.refresh()
+        net.filter_pct = self.config.filter_pct
+        with torch.inference_mode():
+            out = net(x)
+        ran_dense = bool(getattr(net, "last_ran_dense", False))
+        self._frames_since_dense = 0 if ran_dense else self._frames_since_dense + 1
+        self.last_unit_stats = list(getattr(net, "last_stats", []) or [])
+        outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return outs, ("refresh" if ran_dense else "delta")
+
+    def infer(self, rgb: np.ndarray) -> tuple[Detections, str]:
+        """Detections for one RGB frame and the mode it actually ran in (dense|delta|refresh)."""
+        hw = self.ensure_prepared(rgb.shape[:2])
+        x, geo = self.detector.preprocess(rgb, hw)
+        if self.config.mode == "dense":
+            outs, mode = self._dense[hw](x), "dense"
+        else:
+            outs, mode = self._run_delta(x)
+        return self.detector.postprocess(outs, geo), mode
+
+    def process(self, frame: FrameLike) -> dict[str, Any]:
+        self.ensure_prepared(frame.rgb.shape[:2])  # one-off export/conversion is not frame time
+        t0 = time.perf_counter()
+        dets, mode = self.infer(frame.rgb)
+        ms = (time.perf_counter() - t0) * 1000.0
+        return {
+            "frame": int(frame.index),
+            "pts": round(float(frame.pts_seconds), 6),
+            "mode": mode,
+            "filter_pct": float(self.config.filter_pct) if mode == "delta" else 0.0,
+            "ms": round(ms, 3),
+            "detections": dets.to_records(self.detector.class_names),
+        }
