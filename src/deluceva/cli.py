@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
-out_console = Console()
+out_console = Console() if Console().is_terminal else Console(width=160)  # tables stay readable in logs
 
 
 def progress_bar(transient: bool = False) -> Progress:
