@@ -1,0 +1,36 @@
+"""Optional numba JIT: fused loops for scatter/filter when numba is importable, torch fallbacks otherwise.
+
+`HAVE_NUMBA` tells whether the compiled kernels are available; `jit` compiles with on-disk caching (first use
+of a kernel compiles it once per machine, later processes load the cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+try:
+    import numba
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    numba = None
+    HAVE_NUMBA = False
+
+
+def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`numba.njit(cache=True, nogil=True)` with numba, else the plain Python function (then never called)."""
+    if not HAVE_NUMBA:
+        return fn
+    return numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'numba' if available else 'torch'; 'numba' without numba installed raises."""
+    if backend == "auto":
+        return "numba" if HAVE_NUMBA else "torch"
+    if backend == "numba" and not HAVE_NUMBA:
+        raise RuntimeError("backend='numba' requested but numba is not installed")
+    if backend not in ("numba", "torch"):
+        raise ValueError(f"unknown backend {backend!r} (expected 'auto', 'numba' or 'torch')")
+    return backend

@@ -1,0 +1,245 @@
+"""Pixel-granularity delta filter: accumulate incoming deltas in a residual, forward only the largest pixels.
+
+State (persistent, channels-last): residual rows r (N*H*W, C), per-pixel magnitude m (N*H*W,) = max_c |r|, and
+a candidate list of the pixels with m > 0, so that a frame costs O(changed pixels), never O(tensor).
+
+Per call: r[idx] += Δ and m[idx] = max_c |r[idx]|; among the candidates (m > 0) exactly k = round((100 - pct)
+/ 100 * n_candidates) pixels with the largest m are chosen (k-th largest by partition over the candidates
+only, ties broken by candidate order), those with m <= noise_floor are dropped from the choice; the chosen
+pixels are emitted as a PixelDelta (sorted indices, their full residual rows) and r, m are zeroed there.
+Nothing is lost: r_before + Δ == r_after + forwarded, bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from deluceva.delta.kernels._jit import jit, resolve_backend
+from deluceva.delta.pixels import PixelDelta
+
+
+@jit
+def _accumulate_nb(idx, vals, r, m, in_cand, cand, ncand):
+    """r[idx] += vals; m[idx] = max |r[idx]|; pixels with m > 0 join the candidates; returns their new count."""
+    ch = r.shape[1]
+    for i in range(idx.shape[0]):
+        p = idx[i]
+        mx = np.float32(0.0)
+        for c in range(ch):
+            v = r[p, c] + vals[i, c]
+            r[p, c] = v
+            a = abs(v)
+            if a > mx:
+                mx = a
+        m[p] = mx
+        if mx > 0 and in_cand[p] == 0:
+            in_cand[p] = 1
+            cand[ncand] = p
+            ncand += 1
+    return ncand
+
+
+@jit
+def _select_nb(r, m, in_cand, cand, ncand, keep_frac, floor, scratch):
+    """Choose, forward and clear pixels (see module doc). Returns (sorted index, rows, new candidate count)."""
+    # drop candidates whose magnitude went back to exactly 0
+    n = 0
+    for j in range(ncand):
+        p = cand[j]
+        if m[p] > 0:
+            cand[n] = p
+            n += 1
+        else:
+            in_cand[p] = 0
+    k = int(np.floor(keep_frac * n + 0.5))
+    mc = np.empty(n, np.float32)
+    for j in range(n):
+        mc[j] = m[cand[j]]
+    chosen = np.zeros(n, np.bool_)
+    if k >= n:
+        chosen[:] = True
+    elif k > 0:
+        thr = np.partition(mc, n - k)[n - k]  # k-th largest
+        take_eq = k
+        for j in range(n):
+            if mc[j] > thr:
+                take_eq -= 1
+        for j in range(n):
+            if mc[j] > thr:
+                chosen[j] = True
+            elif mc[j] == thr and take_eq > 0:
+                chosen[j] = True
+                take_eq -= 1
+    nf = 0
+    for j in range(n):
+        if chosen[j] and mc[j] <= floor:
+            chosen[j] = False
+        if chosen[j]:
+            nf += 1
+    fidx = np.empty(nf, np.int64)
+    f = 0
+    keep = 0
+    for j in range(n):
+        p = cand[j]
+        if chosen[j]:
+            fidx[f] = p
+            f += 1
+            in_cand[p] = 0
+        else:
+            cand[keep] = p
+            keep += 1
+    if nf * 64 > m.shape[0]:  # many: an ordered scan of a flag array beats a sort
+        for j in range(nf):
+            scratch[fidx[j]] = 1
+        f = 0
+        for p in range(m.shape[0]):
+            if scratch[p] != 0:
+                scratch[p] = 0
+                fidx[f] = p
+                f += 1
+    else:
+        fidx.sort()
+    out = np.empty((nf, r.shape[1]), r.dtype)
+    for j in range(nf):
+        p = fidx[j]
+        out[j, :] = r[p, :]
+        r[p, :] = 0
+        m[p] = 0
+    return fidx, out, keep
+
+
+class PixelFilter:
+    """Stateful pixel filter for one (N, C, H, W) tensor: `__call__(Δ, pct, noise_floor)` -> forwarded Δ.
+
+    pct: percentage of the candidate pixels held back (0 = forward every pixel with m > noise_floor).
+    residual (N*H*W, C) float32 and magnitude (N*H*W,) may be given to share state with the caller (otherwise
+    zeros); after changing them directly, call `resync()`.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int, int],
+        residual: torch.Tensor | None = None,
+        magnitude: torch.Tensor | None = None,
+        backend: str = "auto",
+    ):
+        n, c, h, w = shape
+        self.shape = (n, c, h, w)
+        self.backend = resolve_backend(backend)
+        rows = n * h * w
+        self.residual = residual if residual is not None else torch.zeros(rows, c, dtype=torch.float32)
+        if self.residual.shape != (rows, c) or not self.residual.is_contiguous():
+            raise ValueError(f"residual must be contiguous ({rows}, {c})")
+        self.magnitude = magnitude if magnitude is not None else self.residual.abs().amax(1)
+        if self.backend == "numba":
+            self._r, self._m = self.residual.numpy(), self.magnitude.numpy()
+            self._in_cand = np.zeros(rows, np.uint8)
+            self._scratch = np.zeros(rows, np.uint8)
+            self._cand = np.empty(rows, np.int64)
+        self.resync()
+
+    def resync(self) -> None:
+        """Rebuild the candidate list from the magnitudes (one full pass; after external edits of r or m)."""
+        start = self.magnitude.gt(0).nonzero().squeeze(1)
+        if self.backend == "numba":
+            self._in_cand[:] = 0
+            self._ncand = int(start.numel())
+            self._cand[: self._ncand] = start.numpy()
+            self._in_cand[start.numpy()] = 1
+        else:
+            self._in_cand_t = torch.zeros(self.magnitude.numel(), dtype=torch.bool)
+            self._in_cand_t[start] = True
+            self._cand_t = start
+
+    @property
+    def num_candidates(self) -> int:
+        """How many pixels are held back (m > 0; may count some whose m went back to 0 until the next select)."""
+        return self._ncand if self.backend == "numba" else int(self._cand_t.numel())
+
+    @property
+    def candidates(self) -> torch.Tensor:
+        """int64 (K,) pixels held back with m > 0, unordered (may include some whose m went back to 0)."""
+        if self.backend == "numba":
+            return torch.from_numpy(self._cand[: self._ncand].copy())
+        return self._cand_t.clone()
+
+    def reset(self) -> None:
+        """Zero the residual and forget all candidates (e.g. after a dense re-seed)."""
+        cand = self.candidates
+        self.residual.index_fill_(0, cand, 0.0)
+        self.magnitude.index_fill_(0, cand, 0.0)
+        if self.backend == "numba":
+            self._in_cand[cand.numpy()] = 0
+            self._ncand = 0
+        else:
+            self._in_cand_t[cand] = False
+            self._cand_t = cand[:0]
+
+    def accumulate(self, delta: PixelDelta) -> None:
+        """r[idx] += Δ and refresh m and the candidates there (Δ indices must be unique)."""
+        if delta.index.numel() == 0:
+            return
+        if self.backend == "numba":
+            self._ncand = _accumulate_nb(
+                delta.index.numpy(),
+                delta.values.numpy(),
+                self._r,
+                self._m,
+                self._in_cand,
+                self._cand,
+                self._ncand,
+            )
+            return
+        idx = delta.index
+        self.residual.index_add_(0, idx, delta.values)
+        mag = self.residual.index_select(0, idx).abs().amax(1)
+        self.magnitude.index_copy_(0, idx, mag)
+        new = idx[mag.gt(0) & ~self._in_cand_t.index_select(0, idx)]
+        self._in_cand_t[new] = True
+        self._cand_t = torch.cat([self._cand_t, new])
+
+    def select(self, pct: float, noise_floor: float = 0.0) -> PixelDelta:
+        """Forward the largest (100 - pct)% of the candidates (minus those <= noise_floor); clear them."""
+        keep_frac = min(1.0, max(0.0, (100.0 - float(pct)) / 100.0))
+        if self.backend == "numba":
+            if self._ncand == 0:
+                return PixelDelta.empty(self.shape)
+            fidx, out, self._ncand = _select_nb(
+                self._r,
+                self._m,
+                self._in_cand,
+                self._cand,
+                self._ncand,
+                keep_frac,
+                np.float32(noise_floor),
+                self._scratch,
+            )
+            return PixelDelta(torch.from_numpy(fidx), torch.from_numpy(out), self.shape)
+        return self._select_torch(keep_frac, noise_floor)
+
+    def __call__(self, delta: PixelDelta, pct: float, noise_floor: float = 0.0) -> PixelDelta:
+        self.accumulate(delta)
+        return self.select(pct, noise_floor)
+
+    def _select_torch(self, keep_frac: float, noise_floor: float) -> PixelDelta:
+        cand = self._cand_t
+        mc = self.magnitude.index_select(0, cand)
+        pos = mc.gt(0)
+        self._in_cand_t[cand[~pos]] = False
+        cand, mc = cand[pos], mc[pos]
+        n = cand.numel()
+        k = int(np.floor(keep_frac * n + 0.5))
+        chosen = torch.zeros(n, dtype=torch.bool)
+        if k >= n:
+            chosen[:] = True
+        elif k > 0:
+            chosen[torch.topk(mc, k, sorted=False).indices] = True
+        chosen &= mc.gt(noise_floor)
+        fidx, _ = torch.sort(cand[chosen])
+        self._cand_t = cand[~chosen]
+        self._in_cand_t[fidx] = False
+        out = self.residual.index_select(0, fidx)
+        self.residual.index_fill_(0, fidx, 0.0)
+        self.magnitude.index_fill_(0, fidx, 0.0)
+        return PixelDelta(fidx, out, self.shape)

@@ -1,0 +1,133 @@
+"""Merging PixelDeltas: add (union of pixels, sum of values) and channel concat (union of pixels, zero-fill).
+
+Two inputs (the common case) are merged in one fused linear pass (numba). More inputs, or no numba: the union
+of the sorted index sets (linear merges, or torch.unique) and each input's values placed by its positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from deluceva.delta.kernels._jit import HAVE_NUMBA, jit
+from deluceva.delta.pixels import PixelDelta
+
+
+@jit
+def _union_nb(a, b):
+    """Sorted union of sorted unique a, b and the positions of a's and b's entries in it."""
+    out = np.empty(a.shape[0] + b.shape[0], np.int64)
+    pa = np.empty(a.shape[0], np.int64)
+    pb = np.empty(b.shape[0], np.int64)
+    i = j = k = 0
+    while i < a.shape[0] or j < b.shape[0]:
+        if j >= b.shape[0] or (i < a.shape[0] and a[i] < b[j]):
+            out[k] = a[i]
+            pa[i] = k
+            i += 1
+        elif i >= a.shape[0] or b[j] < a[i]:
+            out[k] = b[j]
+            pb[j] = k
+            j += 1
+        else:
+            out[k] = a[i]
+            pa[i] = k
+            pb[j] = k
+            i += 1
+            j += 1
+        k += 1
+    return out[:k], pa, pb
+
+
+@jit
+def _merge2_nb(ia, va, ib, vb, concat):
+    """Two deltas merged in one linear pass: add (values summed) or concat (a's channels, then b's)."""
+    ca, cb = va.shape[1], vb.shape[1]
+    width = ca + cb if concat else ca
+    na, nb = ia.shape[0], ib.shape[0]
+    idx = np.empty(na + nb, np.int64)
+    out = np.zeros((na + nb, width), va.dtype)
+    off = ca if concat else 0
+    i = j = k = 0
+    while i < na or j < nb:
+        if j >= nb or (i < na and ia[i] < ib[j]):
+            idx[k] = ia[i]
+            out[k, :ca] = va[i]
+            i += 1
+        elif i >= na or ib[j] < ia[i]:
+            idx[k] = ib[j]
+            out[k, off : off + cb] = vb[j]
+            j += 1
+        else:
+            idx[k] = ia[i]
+            out[k, :ca] = va[i]
+            out[k, off : off + cb] += vb[j]
+            i += 1
+            j += 1
+        k += 1
+    return idx[:k], out[:k]
+
+
+def _union(indices: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Sorted union of sorted unique index tensors and each one's positions in it."""
+    first = indices[0]
+    if all(i.numel() == first.numel() and torch.equal(i, first) for i in indices[1:]):
+        pos = torch.arange(first.numel())
+        return first, [pos] * len(indices)
+    if HAVE_NUMBA:
+        union = indices[0].numpy()
+        for i in indices[1:]:
+            union, _, _ = _union_nb(union, i.numpy())
+        u = torch.from_numpy(union)
+    else:
+        u = torch.unique(torch.cat(indices))
+    return u, [torch.searchsorted(u, i) for i in indices]
+
+
+def add(*deltas: PixelDelta) -> PixelDelta:
+    """Δ of a sum of tensors of one shape: union of the active pixels, values summed there."""
+    shape = deltas[0].shape
+    if any(tuple(d.shape) != tuple(shape) for d in deltas):
+        raise ValueError(f"add: shapes differ: {[d.shape for d in deltas]}")
+    live = [d for d in deltas if d.index.numel()]
+    if not live:
+        return PixelDelta.empty(shape, deltas[0].values.dtype)
+    if len(live) == 1:
+        return live[0]
+    if len(live) == 2 and HAVE_NUMBA:
+        a, b = live
+        idx, vals = _merge2_nb(a.index.numpy(), a.values.numpy(), b.index.numpy(), b.values.numpy(), False)
+        return PixelDelta(torch.from_numpy(idx), torch.from_numpy(vals), shape)
+    index, positions = _union([d.index for d in live])
+    if index.numel() == live[0].index.numel() and all(d.index.numel() == index.numel() for d in live):
+        values = live[0].values.clone()  # identical pixel sets
+        for d in live[1:]:
+            values += d.values
+        return PixelDelta(index, values, shape)
+    values = live[0].values.new_zeros(index.numel(), shape[1])
+    for d, pos in zip(live, positions, strict=True):
+        values.index_add_(0, pos, d.values)
+    return PixelDelta(index, values, shape)
+
+
+def concat(*deltas: PixelDelta) -> PixelDelta:
+    """Δ of torch.cat(dim=1): union of the active pixels, each part's channels zero where it was inactive."""
+    n, _, h, w = deltas[0].shape
+    if any((d.shape[0], d.shape[2], d.shape[3]) != (n, h, w) for d in deltas):
+        raise ValueError(f"concat: spatial shapes differ: {[d.shape for d in deltas]}")
+    channels = [d.shape[1] for d in deltas]
+    shape = (n, sum(channels), h, w)
+    if len(deltas) == 2 and HAVE_NUMBA:
+        a, b = deltas
+        idx, vals = _merge2_nb(a.index.numpy(), a.values.numpy(), b.index.numpy(), b.values.numpy(), True)
+        return PixelDelta(torch.from_numpy(idx), torch.from_numpy(vals), shape)
+    index, positions = _union([d.index for d in deltas])
+    if all(d.index.numel() == index.numel() for d in deltas):  # identical pixel sets (or all empty)
+        return PixelDelta(index, torch.cat([d.values for d in deltas], 1), shape)
+    values = deltas[0].values.new_zeros(index.numel(), shape[1])
+    start = 0
+    for d, c, pos in zip(deltas, channels, positions, strict=True):
+        if d.index.numel():
+            values[:, start : start + c].index_copy_(0, pos, d.values)
+        start += c
+    return PixelDelta(index, values, shape)

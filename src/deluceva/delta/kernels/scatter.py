@@ -1,0 +1,331 @@
+"""Input-centric sparse conv compute: per-phase-class GEMM, one scatter-add pass, collect of the touched rows.
+
+For active input pixels (index (A,), values (A, Cin)) and a PhasePlan:
+1. split the pixels by stride phase class (counting sort) and gather their values class by class;
+2. one GEMM per class, values (A_c, Cin) @ W_c (Cin, T_c*Cout), into one flat contribution buffer;
+3. one scatter-add pass in pixel order (good locality) of every (pixel, reachable tap) contribution into a
+   persistent zeroed output buffer (N*Ho*Wo, Cout), remembering the touched rows;
+4. collect: the touched rows in sorted order, re-zeroing only those rows (no full-tensor pass per frame).
+Depthwise convs skip the GEMM: the scatter multiplies vals[i, c] * w[t, c] itself. The numba kernels are the fast
+path; the torch back end (index_add_ + unique) is the fallback without numba.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from deluceva.delta.kernels._jit import jit, resolve_backend
+from deluceva.delta.kernels.phases import PhasePlan
+
+
+@jit
+def _split_nb(pix, h, w, mul_y, mul_x, div_y, div_x, ntaps, cout):
+    """Group pixels by phase class. Returns perm (M,) of the pixels with taps in class order, counts (ncls,),
+    start (A,) offset of each pixel's (T_c, Cout) contributions in the flat buffer (-1: no taps), total floats."""
+    ncls = ntaps.shape[0]
+    a = pix.shape[0]
+    hw = h * w
+    cls = np.empty(a, np.int64)
+    counts = np.zeros(ncls, np.int64)
+    for i in range(a):
+        r = pix[i] % hw
+        y = r // w
+        x = r - y * w
+        c = ((y * mul_y) % div_y) * div_x + (x * mul_x) % div_x
+        cls[i] = c
+        counts[c] += 1
+    pos = np.zeros(ncls, np.int64)  # next slot in perm per class
+    base = np.zeros(ncls, np.int64)  # next float offset per class
+    m = 0
+    total = 0
+    for c in range(ncls):
+        if ntaps[c] > 0:
+            pos[c] = m
+            base[c] = total
+            m += counts[c]
+            total += counts[c] * ntaps[c] * cout
+    perm = np.empty(m, np.int64)
+    start = np.empty(a, np.int64)
+    for i in range(a):
+        c = cls[i]
+        if ntaps[c] == 0:
+            start[i] = -1
+            continue
+        perm[pos[c]] = i
+        pos[c] += 1
+        start[i] = base[c]
+        base[c] += ntaps[c] * cout
+    return perm, counts, start, total
+
+
+@jit
+def _scatter_nb(pix, start, contrib, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_x, rel_y,
+                rel_x, buf, mark, touched, nt):  # fmt: skip
+    """buf[o(pixel i, tap t)] += contrib[start[i] + t*C : +C]; returns the new number of touched rows."""
+    hw = h * w
+    ohw = ho * wo
+    ch = buf.shape[1]
+    for i in range(pix.shape[0]):
+        s = start[i]
+        if s < 0:
+            continue
+        p = pix[i]
+        n = p // hw
+        r = p - n * hw
+        y = r // w
+        x = r - y * w
+        c = ((y * mul_y) % div_y) * div_x + (x * mul_x) % div_x
+        by = (y * mul_y + off0_y[c]) // div_y
+        bx = (x * mul_x + off0_x[c]) // div_x
+        ob = n * ohw
+        for t in range(ntaps[c]):
+            oy = by + rel_y[c, t]
+            ox = bx + rel_x[c, t]
+            if oy < 0 or oy >= ho or ox < 0 or ox >= wo:
+                continue
+            o = ob + oy * wo + ox
+            if mark[o] == 0:
+                mark[o] = 1
+                touched[nt] = o
+                nt += 1
+            src = s + t * ch
+            for k in range(ch):
+                buf[o, k] += contrib[src + k]
+    return nt
+
+
+@jit
+def _scatter_dw_nb(pix, vals, wdw, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_x, rel_y,
+                   rel_x, buf, mark, touched, nt):  # fmt: skip
+    """Depthwise: buf[o(pixel i, tap t), k] += vals[i, k] * wdw[class, t, k]; returns the new touched count."""
+    hw = h * w
+    ohw = ho * wo
+    ch = buf.shape[1]
+    for i in range(pix.shape[0]):
+        p = pix[i]
+        n = p // hw
+        r = p - n * hw
+        y = r // w
+        x = r - y * w
+        c = ((y * mul_y) % div_y) * div_x + (x * mul_x) % div_x
+        by = (y * mul_y + off0_y[c]) // div_y
+        bx = (x * mul_x + off0_x[c]) // div_x
+        ob = n * ohw
+        for t in range(ntaps[c]):
+            oy = by + rel_y[c, t]
+            ox = bx + rel_x[c, t]
+            if oy < 0 or oy >= ho or ox < 0 or ox >= wo:
+                continue
+            o = ob + oy * wo + ox
+            if mark[o] == 0:
+                mark[o] = 1
+                touched[nt] = o
+                nt += 1
+            for k in range(ch):
+                buf[o, k] += vals[i, k] * wdw[c, t, k]
+    return nt
+
+
+@jit
+def reach_nb(pix, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_x, rel_y, rel_x, mark, touched):
+    """Sorted unique output pixels reachable from pix (uses and clears `mark`)."""
+    hw = h * w
+    ohw = ho * wo
+    nt = 0
+    for i in range(pix.shape[0]):
+        p = pix[i]
+        n = p // hw
+        r = p - n * hw
+        y = r // w
+        x = r - y * w
+        c = ((y * mul_y) % div_y) * div_x + (x * mul_x) % div_x
+        by = (y * mul_y + off0_y[c]) // div_y
+        bx = (x * mul_x + off0_x[c]) // div_x
+        for t in range(ntaps[c]):
+            oy = by + rel_y[c, t]
+            ox = bx + rel_x[c, t]
+            if oy < 0 or oy >= ho or ox < 0 or ox >= wo:
+                continue
+            o = n * ohw + oy * wo + ox
+            if mark[o] == 0:
+                mark[o] = 1
+                touched[nt] = o
+                nt += 1
+    total = mark.shape[0]
+    out = np.empty(nt, np.int64)
+    if nt * 64 > total:
+        j = 0
+        for o in range(total):
+            if mark[o] != 0:
+                out[j] = o
+                j += 1
+    else:
+        out[:] = np.sort(touched[:nt])
+    for j in range(nt):
+        mark[out[j]] = 0
+    return out
+
+
+@jit
+def _collect_nb(touched, nt, buf, mark):
+    """Sorted touched indices and their rows; re-zeroes those rows and marks. Scans `mark` when that beats a
+    sort."""
+    total = mark.shape[0]
+    if nt * 64 > total:
+        idx = np.empty(nt, np.int64)
+        j = 0
+        for o in range(total):
+            if mark[o] != 0:
+                idx[j] = o
+                j += 1
+    else:
+        idx = np.sort(touched[:nt])
+    out = np.empty((nt, buf.shape[1]), buf.dtype)
+    for j in range(nt):
+        o = idx[j]
+        mark[o] = 0
+        out[j, :] = buf[o, :]
+        buf[o, :] = 0
+    return idx, out
+
+
+class ScatterConv:
+    """Input-centric sparse conv for one PhasePlan: `__call__(index (A,), values (A, Cin)) -> (index, rows)`.
+
+    wtap: (G, cg, K*K, og) weight per group, input channel, kernel tap (ky-major) and output channel.
+    rows: N * Ho * Wo. The output index is sorted, unique: every output pixel reachable from an active input.
+    """
+
+    def __init__(self, plan: PhasePlan, wtap: torch.Tensor, rows: int, backend: str = "auto"):
+        self.plan = plan
+        self.backend = resolve_backend(backend)
+        g, cg, _, og = wtap.shape
+        self.groups, self.cout = g, g * og
+        self.depthwise = g > 1 and cg == 1 and og == 1
+        self.rows = rows
+        self.weights: list[torch.Tensor | None] = []  # per class: (cg, T*og) | (G, cg, T*og) | depthwise (T, C)
+        for c in range(plan.classes):
+            t = int(plan.ntaps[c])
+            if t == 0:
+                self.weights.append(None)
+                continue
+            w = wtap[:, :, torch.from_numpy(plan.tap[c, :t]), :]  # (G, cg, T, og)
+            if self.depthwise:
+                self.weights.append(w[:, 0, :, 0].t().contiguous())
+            elif g == 1:
+                self.weights.append(w[0].reshape(cg, t * og).contiguous())
+            else:
+                self.weights.append(w.reshape(g, cg, t * og).contiguous())
+        if self.depthwise:  # (ncls, Tmax, C) for the fused kernel
+            wdw = torch.zeros(plan.classes, plan.tap.shape[1], self.cout)
+            for c, wc in enumerate(self.weights):
+                if wc is not None:
+                    wdw[c, : wc.shape[0]] = wc
+            self._wdw = wdw.numpy()
+        extra = 1 if self.backend == "torch" else 0  # torch: a dummy row absorbs unreachable taps
+        self.buf = torch.zeros(rows + extra, self.cout)
+        if self.backend == "numba":
+            self._buf = self.buf.numpy()
+            self._mark = np.zeros(rows, np.uint8)
+            self._touched = np.empty(rows, np.int64)
+            self._flat = torch.empty(0)
+
+    def __call__(self, pix: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.backend == "numba":
+            return self._run_numba(pix, vals)
+        return self._run_torch(pix, vals)
+
+    # ------------------------------------------------------------------------------------------------ numba
+    def _geometry(self) -> tuple:
+        p = self.plan
+        return (*p.in_hw, *p.out_hw, *p.mul, *p.div, p.ntaps, p.off0_y, p.off0_x, p.rel_y, p.rel_x)
+
+    def _run_numba(self, pix: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pix_np = pix.numpy()
+        if self.depthwise:
+            nt = _scatter_dw_nb(pix_np, vals.numpy(), self._wdw, *self._geometry(), self._buf, self._mark,
+                                self._touched, 0)  # fmt: skip
+        else:
+            p = self.plan
+            perm, counts, start, total = _split_nb(pix_np, *p.in_hw, *p.mul, *p.div, p.ntaps, self.cout)
+            if self._flat.numel() < total:
+                self._flat = torch.empty(max(total, int(1.25 * self._flat.numel())))
+            if p.classes > 1:
+                vals = vals.index_select(0, torch.from_numpy(perm))
+            pos, off = 0, 0
+            for c, wc in enumerate(self.weights):
+                n = int(counts[c])
+                if wc is None or n == 0:
+                    continue
+                size = n * int(p.ntaps[c]) * self.cout
+                self._gemm(vals[pos : pos + n], wc, self._flat[off : off + size].view(n, -1))
+                pos, off = pos + n, off + size
+            nt = _scatter_nb(pix_np, start, self._flat.numpy(), *self._geometry(), self._buf, self._mark,
+                             self._touched, 0)  # fmt: skip
+        if nt == 0:
+            return torch.zeros(0, dtype=torch.int64), self.buf.new_zeros(0, self.cout)
+        idx, out = _collect_nb(self._touched, nt, self._buf, self._mark)
+        return torch.from_numpy(idx), torch.from_numpy(out)
+
+    def _gemm(self, v: torch.Tensor, wc: torch.Tensor, out: torch.Tensor) -> None:
+        """out (n, T*Cout) = contributions of values v (n, Cin); grouped: channel order (T, G, og)."""
+        if self.groups == 1:
+            torch.mm(v, wc, out=out)
+            return
+        g, n = self.groups, v.shape[0]
+        res = torch.bmm(v.view(n, g, wc.shape[1]).transpose(0, 1), wc)  # (G, n, T*og)
+        out.view(n, -1, g, self.cout // g).copy_(res.view(g, n, -1, self.cout // g).permute(1, 2, 0, 3))
+
+    # ------------------------------------------------------------------------------------------------ torch
+    def _run_torch(self, pix: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = []
+        for c, sel, tgt in class_targets(self.plan, pix, self.rows):
+            wc = self.weights[c]
+            if wc is None:
+                continue
+            v = vals.index_select(0, sel)
+            if self.depthwise:
+                contrib = v.unsqueeze(1) * wc.unsqueeze(0)
+            else:
+                contrib = torch.empty(sel.numel(), tgt.shape[1] * self.cout)
+                self._gemm(v, wc, contrib)
+            self.buf.index_add_(0, tgt.reshape(-1), contrib.reshape(-1, self.cout))
+            targets.append(tgt.reshape(-1))
+        if not targets:
+            return torch.zeros(0, dtype=torch.int64), self.buf.new_zeros(0, self.cout)
+        idx = torch.unique(torch.cat(targets))
+        if idx[-1] == self.rows:  # drop the dummy row
+            idx = idx[:-1]
+        self.buf[self.rows].zero_()
+        out = self.buf.index_select(0, idx)
+        self.buf.index_fill_(0, idx, 0.0)
+        return idx, out
+
+
+def class_targets(plan: PhasePlan, pix: torch.Tensor, dummy: int):
+    """Torch: per phase class c with taps and pixels, yield (c, sel (A_c,) positions in pix, targets (A_c, T_c)
+    output rows, `dummy` where a tap falls outside the output)."""
+    h, w = plan.in_hw
+    ho, wo = plan.out_hw
+    n, r = pix.div(h * w, rounding_mode="floor"), pix.remainder(h * w)
+    y, x = r.div(w, rounding_mode="floor"), r.remainder(w)
+    cls = (y * plan.mul[0]).remainder(plan.div[0]) * plan.div[1] + (x * plan.mul[1]).remainder(plan.div[1])
+    for c in range(plan.classes):
+        t = int(plan.ntaps[c])
+        sel = (cls == c).nonzero().squeeze(1) if plan.classes > 1 else torch.arange(pix.numel())
+        if t == 0 or sel.numel() == 0:
+            continue
+        oy = (y[sel, None] * plan.mul[0] + torch.from_numpy(plan.off_y[c, :t])).div(plan.div[0], rounding_mode="floor")
+        ox = (x[sel, None] * plan.mul[1] + torch.from_numpy(plan.off_x[c, :t])).div(plan.div[1], rounding_mode="floor")
+        valid = (oy >= 0) & (oy < ho) & (ox >= 0) & (ox < wo)
+        yield c, sel, torch.where(valid, n[sel, None] * (ho * wo) + oy * wo + ox, dummy)
+
+
+def reachable(plan: PhasePlan, pix: torch.Tensor) -> torch.Tensor:
+    """Sorted unique output pixels reachable from input pixels pix through the plan's taps (torch)."""
+    parts = [tgt.reshape(-1) for _, _, tgt in class_targets(plan, pix, -1)]
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64)
+    idx = torch.unique(torch.cat(parts))
+    return idx[1:] if idx[0] < 0 else idx

@@ -1,0 +1,424 @@
+"""Sparse delta kernels (deluceva.delta.kernels) vs their dense references, on random and real video deltas."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deluceva.delta.kernels import (
+    ACTIVATIONS,
+    HAVE_NUMBA,
+    PixelFilter,
+    SparseActivation,
+    SparseConv2d,
+    SparseConvTranspose2d,
+    SparseMaxPool2d,
+    add,
+    concat,
+    upsample_nearest2x,
+)
+from deluceva.delta.kernels.elementwise import FLAT
+from deluceva.delta.kernels.opbench import active_pixels
+from deluceva.delta.pixels import PixelDelta
+
+ROOT = Path(__file__).resolve().parents[1]
+VIDEO = ROOT / "assets" / "video" / "vtest_pets09_s2l1.avi"
+V5_WEIGHTS = ROOT / "models" / "yolov5n-coco" / "yolov5n_state_dict.npz"
+BACKENDS = ["numba", "torch"] if HAVE_NUMBA else ["torch"]
+# KERNEL_EXAMPLES=1000 pytest tests/test_kernels.py for a deeper search
+HYP = settings(
+    max_examples=int(os.environ.get("KERNEL_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def random_delta(shape: tuple[int, int, int, int], frac: float, clustered: bool, seed: int) -> PixelDelta:
+    """Random PixelDelta with about `frac` active pixels: uniform, or grown from a few random seeds (blobs)."""
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, 1, h, w, generator=g) < (frac / 9 if clustered else frac)
+    if clustered:
+        mask = F.max_pool2d(mask.float(), 3, 1, 1) > 0
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    return PixelDelta(idx, torch.randn(idx.numel(), c, generator=g), shape)
+
+
+def reachable(delta: PixelDelta, k: tuple[int, int], stride, padding, dilation) -> torch.Tensor:
+    """Sorted output pixels a conv with this geometry reaches from the active input pixels (dense reference)."""
+    n, _, h, w = delta.shape
+    mask = torch.zeros(n * h * w)
+    mask[delta.index] = 1.0
+    hit = F.conv2d(mask.view(n, 1, h, w), torch.ones(1, 1, *k), None, stride, padding, dilation)
+    return hit.reshape(-1).nonzero().squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------- conv
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 4]))
+    depthwise = groups > 1 and draw(st.booleans())
+    cin = groups if depthwise else groups * draw(st.integers(1, 5))
+    cout = groups if depthwise else groups * draw(st.integers(1, 5))
+    kh, kw = draw(st.sampled_from([(1, 1), (3, 3), (3, 3), (5, 5), (6, 6), (2, 3)]))
+    stride = draw(st.sampled_from([1, 1, 2, 3]))
+    dilation = draw(st.sampled_from([1, 1, 2]))
+    padding = draw(st.integers(0, max(kh, kw) // 2 * dilation))
+    need = dilation * (max(kh, kw) - 1) + 1 - 2 * padding
+    h = draw(st.integers(max(1, need), 14))
+    w = draw(st.integers(max(1, need), 14))
+    n = draw(st.integers(1, 2))
+    frac = draw(st.sampled_from([0.0, 0.01, 0.05, 0.2, 0.5, 1.0]))
+    return (n, cin, h, w), (cout, cin // groups, kh, kw), stride, padding, dilation, groups, frac
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@HYP
+@given(case=conv_cases(), clustered=st.booleans(), seed=st.integers(0, 2**16))
+def test_sparse_conv_equals_dense(backend, case, clustered, seed):
+    shape, wshape, stride, padding, dilation, groups, frac = case
+    weight = torch.randn(wshape, generator=torch.Generator().manual_seed(seed))
+    conv = SparseConv2d(weight, shape, stride, padding, dilation, groups, backend=backend)
+    delta = random_delta(shape, frac, clustered, seed)
+    out = conv(delta)
+    ref = F.conv2d(delta.to_dense(), weight, None, stride, padding, dilation, groups)
+    assert out.shape == tuple(ref.shape)
+    assert out.values.shape == (out.index.numel(), wshape[0])
+    torch.testing.assert_close(out.to_dense(), ref, atol=1e-4, rtol=1e-4)
+    if wshape[2:] != (1, 1):
+        assert torch.equal(out.index, reachable(delta, wshape[2:], stride, padding, dilation))
+    else:  # 1x1: exactly the input pixels that land on an output pixel
+        assert torch.all(out.index[1:] > out.index[:-1])
+        assert out.index.numel() <= delta.index.numel()
+    # the persistent buffer is clean again: a second call gives the same answer
+    again = conv(delta)
+    assert torch.equal(again.index, out.index)
+    torch.testing.assert_close(again.values, out.values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@HYP
+@given(
+    groups=st.sampled_from([1, 2]),
+    k=st.sampled_from([1, 2, 3, 4]),
+    stride=st.sampled_from([1, 2, 3]),
+    dilation=st.sampled_from([1, 2]),
+    padding=st.integers(0, 2),
+    out_pad=st.integers(0, 1),
+    frac=st.sampled_from([0.02, 0.2, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_sparse_conv_transpose_equals_dense(backend, groups, k, stride, dilation, padding, out_pad, frac, seed):
+    out_pad = min(out_pad, max(stride, dilation) - 1)
+    shape = (1, 2 * groups, 7, 9)
+    weight = torch.randn(2 * groups, 3, k, k, generator=torch.Generator().manual_seed(seed))
+    if (shape[2] - 1) * stride - 2 * padding + dilation * (k - 1) + out_pad + 1 <= 0:
+        return
+    conv = SparseConvTranspose2d(weight, shape, stride, padding, out_pad, groups, dilation, backend=backend)
+    delta = random_delta(shape, frac, False, seed)
+    ref = F.conv_transpose2d(delta.to_dense(), weight, None, stride, padding, out_pad, groups, dilation)
+    torch.testing.assert_close(conv(delta).to_dense(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_empty_delta_and_shape_check(backend):
+    conv = SparseConv2d(torch.randn(8, 4, 3, 3), (1, 4, 10, 10), 2, 1, backend=backend)
+    out = conv(PixelDelta.empty((1, 4, 10, 10)))
+    assert out.shape == (1, 8, 5, 5) and out.active == 0
+    with pytest.raises(ValueError):
+        conv(PixelDelta.empty((1, 4, 12, 10)))
+
+
+def test_first_conv_gathers_for_clustered_and_scatters_for_scattered_changes():
+    """The RGB first conv (6x6/2) picks the output-centric gather for blobs, the scatter for spread pixels."""
+    weight = torch.randn(16, 3, 6, 6)
+    shape = (1, 3, 96, 128)
+    conv = SparseConv2d(weight, shape, 2, 2)
+    expect = ["gather", "scatter"] if HAVE_NUMBA else ["scatter", "scatter"]
+    for clustered, path in zip((True, False), expect, strict=True):
+        idx = active_pixels(96, 128, 0.2 if clustered else 0.01, "clustered" if clustered else "scattered", 5)
+        delta = PixelDelta(idx, torch.randn(idx.numel(), 3), shape)
+        out = conv(delta)
+        assert conv.last_path == path
+        torch.testing.assert_close(out.to_dense(), F.conv2d(delta.to_dense(), weight, None, 2, 2), atol=1e-4, rtol=1e-4)
+        assert torch.equal(out.index, reachable(delta, (6, 6), 2, 2, 1))
+
+
+def test_conv_dense_above_switches_path_exactly():
+    weight = torch.randn(6, 4, 3, 3)
+    conv = SparseConv2d(weight, (1, 4, 12, 12), 1, 1, dense_above=0.3)
+    delta = random_delta((1, 4, 12, 12), 0.6, False, 3)
+    out = conv(delta)
+    assert conv.last_path == "dense"
+    torch.testing.assert_close(out.to_dense(), F.conv2d(delta.to_dense(), weight, None, 1, 1), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------- filter
+
+
+def filter_sequence(backend: str, shape, steps, seed):
+    """Yield (filter, residual before, incoming delta, pct, floor, forwarded) over random deltas."""
+    f = PixelFilter(shape, backend=backend)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        frac = [0.02, 0.1, 0.4][step % 3]
+        d = random_delta(shape, frac, bool(step % 2), seed + step)
+        pct = float(torch.randint(0, 101, (1,), generator=g))
+        floor = [0.0, 0.0, 0.3][step % 3]
+        before = f.residual.clone()
+        fwd = f(d, pct, floor)
+        yield f, before, d, pct, floor, fwd
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@HYP
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 6), st.integers(4, 20), st.integers(4, 20)),
+    seed=st.integers(0, 2**16),
+)
+def test_filter_conserves_and_forwards_the_largest(backend, shape, seed):
+    for f, before, d, pct, floor, fwd in filter_sequence(backend, shape, 6, seed):
+        # nothing is lost, bit for bit
+        assert torch.equal(f.residual + fwd.to_rows(), before + d.to_rows())
+        assert torch.all(fwd.index[1:] > fwd.index[:-1])
+        assert torch.equal(f.magnitude, f.residual.abs().amax(1))
+        assert set(f.candidates.tolist()) >= set(f.magnitude.gt(0).nonzero().squeeze(1).tolist())
+        assert f.num_candidates == f.candidates.numel()
+        m_fwd = fwd.values.abs().amax(1)
+        assert torch.all(m_fwd > floor)
+        cand = before.add(d.to_rows()).abs().amax(1)
+        n_cand = int(cand.gt(0).sum())
+        if n_cand and fwd.active:
+            # every forwarded pixel is at least as large as every held-back one above the floor
+            held = f.magnitude[f.magnitude.gt(floor)]
+            if held.numel():
+                assert m_fwd.min() >= held.max()
+        if floor == 0.0 and n_cand >= 50:
+            share = 100.0 * fwd.active / n_cand
+            assert abs(share - (100.0 - pct)) <= 2.0
+
+
+def test_filter_backends_agree():
+    if not HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    shape = (1, 5, 16, 18)
+    seqs = [list(filter_sequence(b, shape, 8, 11)) for b in ("numba", "torch")]
+    for (fa, *_, a), (fb, *_, b) in zip(*seqs, strict=True):
+        assert torch.equal(a.index, b.index)
+        assert torch.equal(a.values, b.values)
+        assert torch.equal(fa.residual, fb.residual)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_filter_reset_and_empty(backend):
+    f = PixelFilter((1, 3, 8, 8), backend=backend)
+    assert f(PixelDelta.empty((1, 3, 8, 8)), 0.0).active == 0
+    f(random_delta((1, 3, 8, 8), 0.5, False, 0), 100.0)
+    assert f.residual.abs().sum() > 0
+    f.reset()
+    assert f.residual.abs().sum() == 0 and f.magnitude.sum() == 0 and f.candidates.numel() == 0
+    # state edited from outside (shared residual): resync rebuilds the candidates
+    f.residual[5] = 1.0
+    f.magnitude[5] = 1.0
+    f.resync()
+    assert f.candidates.tolist() == [5]
+    out = f(PixelDelta.empty((1, 3, 8, 8)), 0.0)
+    assert out.index.tolist() == [5] and f.residual.abs().sum() == 0
+    assert f(PixelDelta.empty((1, 3, 8, 8)), 0.0).active == 0
+
+
+# ----------------------------------------------------------------------------------------------- elementwise
+
+
+@HYP
+@given(
+    name=st.sampled_from(["relu", "relu6", "leaky_relu", "silu", "sigmoid", "hardswish", "tanh", "gelu"]),
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 8), st.integers(1, 12), st.integers(1, 12)),
+    frac=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_activation_delta_equals_dense(name, shape, frac, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = 3 * torch.randn(shape, generator=g)
+    act = SparseActivation(name, shape)
+    act.seed(z)
+    delta = random_delta(shape, frac, False, seed)
+    out = act(delta)
+    fn = ACTIVATIONS[name]
+    z_new = z + delta.to_dense()
+    torch.testing.assert_close(out.to_dense(), fn(z_new) - fn(z), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(act.z, z_new.permute(0, 2, 3, 1).reshape(-1, shape[1]), atol=1e-6, rtol=1e-6)
+    assert set(out.index.tolist()) <= set(delta.index.tolist())
+    if name in FLAT:  # all-zero rows are dropped where f is flat
+        assert bool(out.values.ne(0).any(1).all())
+
+
+# ----------------------------------------------------------------------------------------------------- merge
+
+
+@HYP
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 6), st.integers(1, 10), st.integers(1, 10)),
+    fa=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    fb=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    cb=st.integers(1, 5),
+    same=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_add_and_concat_equal_dense(shape, fa, fb, cb, same, seed):
+    for numba in {False, HAVE_NUMBA}:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("deluceva.delta.kernels.merge.HAVE_NUMBA", numba)
+            check_add_concat(shape, fa, fb, cb, same, seed)
+
+
+def check_add_concat(shape, fa, fb, cb, same, seed):
+    a = random_delta(shape, fa, False, seed)
+    b = random_delta(shape, fb, True, seed + 1)
+    if same:  # identical pixel sets take the fast path
+        b = PixelDelta(a.index, torch.randn(a.active, shape[1]), shape)
+    s = add(a, b)
+    torch.testing.assert_close(s.to_dense(), a.to_dense() + b.to_dense())
+    assert torch.equal(s.index, torch.unique(torch.cat([a.index, b.index])))
+    c_shape = (shape[0], cb, shape[2], shape[3])
+    c = random_delta(c_shape, fb, False, seed + 2)
+    cat = concat(a, c, b)
+    assert cat.shape == (shape[0], 2 * shape[1] + cb, shape[2], shape[3])
+    torch.testing.assert_close(cat.to_dense(), torch.cat([a.to_dense(), c.to_dense(), b.to_dense()], 1))
+    assert torch.all(cat.index[1:] > cat.index[:-1])
+    many = add(a, b, c if cb == shape[1] else a)
+    torch.testing.assert_close(many.to_dense(), a.to_dense() + b.to_dense() + (c if cb == shape[1] else a).to_dense())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@HYP
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
+    scale=st.sampled_from([2, 2, 3]),
+    frac=st.sampled_from([0.0, 0.1, 0.6, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_upsample_nearest_equals_dense(backend, shape, scale, frac, seed):
+    d = random_delta(shape, frac, True, seed)
+    up = upsample_nearest2x(d, scale, backend)
+    ref = F.interpolate(d.to_dense(), scale_factor=scale, mode="nearest")
+    assert torch.equal(up.to_dense(), ref)
+    assert torch.all(up.index[1:] > up.index[:-1]) and up.active == d.active * scale * scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@HYP
+@given(
+    k=st.sampled_from([2, 3, 5]),
+    stride=st.sampled_from([1, 2]),
+    frac=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_maxpool_delta_equals_dense(backend, k, stride, frac, seed):
+    shape = (1, 4, 11, 13)
+    pad = k // 2
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    pool = SparseMaxPool2d(shape, k, stride, pad, backend=backend)
+    pool.seed(x)
+    for step in range(3):  # consecutive deltas keep the stored state consistent
+        d = random_delta(shape, frac, bool(step % 2), seed + step)
+        out = pool(d)
+        x_new = x + d.to_dense()
+        ref = F.max_pool2d(x_new, k, stride, pad) - F.max_pool2d(x, k, stride, pad)
+        torch.testing.assert_close(out.to_dense(), ref)
+        x = x_new
+
+
+# ------------------------------------------------------------------------------------ real video, real weights
+
+
+def video_frames(count: int) -> torch.Tensor:
+    """First `count` decoded frames of the PETS09 clip as float (T, 3, 360, 480) in [0, 1]."""
+    frames = []
+    with av.open(str(VIDEO)) as container:
+        for frame in container.decode(video=0):
+            frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+            if len(frames) == count:
+                break
+    return torch.stack(frames).permute(0, 3, 1, 2).float() / 255.0
+
+
+def v5_conv(sd, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """YOLOv5n conv `name` with its BatchNorm (eps 1e-3) folded in: (weight OIHW, bias)."""
+    w = torch.from_numpy(sd[f"{name}.conv.weight"])
+    gamma, beta = (torch.from_numpy(sd[f"{name}.bn.{k}"]) for k in ("weight", "bias"))
+    mean, var = (torch.from_numpy(sd[f"{name}.bn.running_{k}"]) for k in ("mean", "var"))
+    scale = gamma / torch.sqrt(var + 1e-3)
+    return w * scale[:, None, None, None], beta - mean * scale
+
+
+def test_real_video_chain_matches_dense():
+    """Filter -> 6x6/s2 conv -> SiLU -> filter -> 3x3/s2 conv -> SiLU -> 1x1 conv of YOLOv5n on consecutive PETS09
+    frames with 0% filtering reproduces the dense layers on every frame."""
+    sd = np.load(V5_WEIGHTS)
+    (w0, b0), (w1, b1), (w2, b2) = (v5_conv(sd, n) for n in ("model.0", "model.1", "model.2.cv1"))
+    frames = video_frames(10)
+
+    def dense(x):
+        a0 = F.silu(F.conv2d(x, w0, b0, 2, 2))
+        z1 = F.conv2d(a0, w1, b1, 2, 1)
+        return a0, z1, F.conv2d(F.silu(z1), w2, b2)
+
+    x0 = frames[:1]
+    a0, z1, y2 = dense(x0)
+    conv0, conv1, conv2 = (
+        SparseConv2d(w0, tuple(x0.shape), 2, 2),
+        SparseConv2d(w1, tuple(a0.shape), 2, 1),
+        SparseConv2d(w2, tuple(z1.shape)),
+    )
+    filt0, filt1 = PixelFilter(tuple(x0.shape)), PixelFilter(tuple(a0.shape))
+    act0, act1 = SparseActivation("silu", tuple(a0.shape)), SparseActivation("silu", tuple(z1.shape))
+    act0.seed(F.conv2d(x0, w0, b0, 2, 2))
+    act1.seed(z1)
+    y2_rows = y2.permute(0, 2, 3, 1).reshape(-1, y2.shape[1]).clone()
+    for t in range(1, len(frames)):
+        d_in = PixelDelta.from_dense(frames[t : t + 1] - frames[t - 1 : t])
+        assert 0.02 < d_in.active_fraction < 0.3  # consecutive frames of a static camera: sparse change
+        s0 = filt0(d_in, 0.0)
+        d1 = act0(conv0(s0))
+        s1 = filt1(d1, 0.0)
+        d2 = conv2(act1(conv1(s1)))
+        y2_rows.index_add_(0, d2.index, d2.values)
+        a0_ref, z1_ref, y2_ref = dense(frames[t : t + 1])
+        assert d1.active_fraction < 0.5
+        torch.testing.assert_close(act1.z, z1_ref.permute(0, 2, 3, 1).reshape(act1.z.shape), atol=2e-4, rtol=0)
+        torch.testing.assert_close(y2_rows, y2_ref.permute(0, 2, 3, 1).reshape(y2_rows.shape), atol=2e-4, rtol=0)
+
+
+def test_real_video_filter_holds_back_and_conserves():
+    """On real frame deltas the filter forwards (100-pct)% of the candidates and the forwarded plus the held-back
+    parts always add up to the true change of the input."""
+    frames = video_frames(8)
+    shape = (1, 3, frames.shape[2], frames.shape[3])
+    f = PixelFilter(shape)
+    sent = torch.zeros(shape[0] * shape[2] * shape[3], 3)
+    for t in range(1, len(frames)):
+        d = PixelDelta.from_dense(frames[t : t + 1] - frames[t - 1 : t])
+        f.accumulate(d)
+        n_cand = int(f.magnitude.gt(0).sum())
+        fwd = f.select(60.0, noise_floor=0.0)
+        assert abs(100.0 * fwd.active / n_cand - 40.0) <= 2.0
+        sent.index_add_(0, fwd.index, fwd.values)
+        change = (frames[t : t + 1] - frames[:1]).permute(0, 2, 3, 1).reshape(sent.shape)
+        torch.testing.assert_close(sent + f.residual, change, atol=1e-5, rtol=0)
+    # a noise floor holds back small (codec-noise) changes entirely and forwards all the rest
+    f = PixelFilter(shape)
+    fwd = f(PixelDelta.from_dense(frames[-1:] - frames[:1]), 0.0, noise_floor=8 / 255)
+    assert fwd.active and bool(fwd.values.abs().amax(1).gt(8 / 255).all())
+    assert f.candidates.numel() > fwd.active  # most changed pixels are codec noise
+    assert bool(f.magnitude.le(8 / 255).all())
