@@ -155,6 +155,35 @@ def bench_dense(
                         out_console, progress_bar)
 
 
+@bench_app.command("delta")
+def bench_delta(
+    model: Annotated[str, typer.Option(help="Zoo name or path")] = "yolov5n",
+    imgsz: Annotated[str | None, typer.Option(help="N, WxH or native; default the model's")] = "768x448",
+    video: Annotated[list[Path] | None, typer.Option(help="Videos (default: the three shipped ones)")] = None,
+    frames: Annotated[int, typer.Option(help="Frames per video")] = 300,
+    fps: Annotated[float | None, typer.Option(help="Sample rate (default: every frame)")] = None,
+    filters: Annotated[str, typer.Option(help="Comma-separated filtering percentages")] = "0,50,90,95",
+    threads: Annotated[int, typer.Option(help="CPU threads (dense and delta alike)")] = 1,
+    refresh_every: Annotated[int | None, typer.Option(help="Dense re-seed every N frames")] = None,
+    dense_engine: Annotated[str, typer.Option(help="Dense baseline engine")] = "auto",
+    out: Annotated[Path, typer.Option(help="JSON output")] = Path("bench/results/delta.json"),
+) -> None:
+    """End to end: delta engine vs the fastest dense engine, speed-up and mAP@0.5 against dense."""
+    from deluceva.eval.bench_delta import run_delta_benchmark
+
+    videos = video or sorted(Path("assets/video").glob("*.mp4")) + sorted(Path("assets/video").glob("*.avi"))
+    run_delta_benchmark(model, imgsz, videos, frames, fps, [float(f) for f in filters.split(",")], threads,
+                        refresh_every, dense_engine, out, out_console, progress_bar)
+
+
+@bench_app.command("ops", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_ops(ctx: typer.Context) -> None:
+    """Per-operator dense vs delta at active fractions 0.5..50% (options: see `python bench/ops.py --help`)."""
+    from deluceva.delta.kernels.opbench import main as ops_main
+
+    raise typer.Exit(ops_main(list(ctx.args)))
+
+
 def main() -> None:
     """Entry point: user errors print one line on stderr and exit 2, without a traceback."""
     try:

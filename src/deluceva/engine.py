@@ -104,7 +104,7 @@ class Engine:
         net.filter_pct = self.config.filter_pct
         with torch.inference_mode():
             out = net(x)
-        ran_dense = bool(getattr(net, "last_ran_dense", False))
+        ran_dense = bool(net.last_dense)
         self._frames_since_dense = 0 if ran_dense else self._frames_since_dense + 1
         self.last_unit_stats = list(getattr(net, "last_stats", []) or [])
         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)

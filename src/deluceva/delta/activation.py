@@ -1,0 +1,123 @@
+"""Elementwise non-linear units (ReLU, ReLU6, LeakyReLU, Sigmoid, SiLU, Hardswish, Hardsigmoid, Tanh, Mish, GELU, ...).
+
+State: the full input z (4-D: channels-last rows (N*H*W, C); otherwise the tensor). Delta form at touched pixels:
+z[idx] += Δ; Δy = f(z_new) - f(z_old). Any elementwise op with one varying tensor input and only scalar other
+operands qualifies (e.g. `torch.pow(x, 2)`, `torch.clamp(x, 0, 1)`).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from deluceva.delta.base import Delta, Env, Unit, nonzero_rows, pixels_from_dense, to_dense
+from deluceva.delta.pixels import PixelDelta
+from deluceva.delta.registry import BuildContext, functions, register
+from deluceva.delta.state import RowState
+from deluceva.graph import ops
+
+# Activations with flat regions: many touched pixels get an exactly zero output delta, worth dropping.
+FLAT: frozenset = frozenset({torch.relu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, torch.clamp, F.threshold})
+
+
+def emit(idx: torch.Tensor, vals: torch.Tensor, shape: tuple, prune: bool) -> PixelDelta | None:
+    """PixelDelta of output rows (all-zero rows dropped when `prune`); None when nothing is left."""
+    if prune and idx.numel() >= 32:  # below that the check costs more than it can save downstream
+        keep = nonzero_rows(vals)
+        if not bool(keep.all()):
+            sel = keep.nonzero().squeeze(1)
+            idx, vals = idx.index_select(0, sel), vals.index_select(0, sel)
+    return PixelDelta(idx, vals, shape) if idx.numel() else None  # type: ignore[arg-type]
+
+
+def rows_of(x: torch.Tensor) -> torch.Tensor:
+    """Own channels-last rows (N*H*W, C) copy of a 4-D tensor."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n * h * w, c).clone()
+
+
+def _scalar_like(v: Any) -> bool:
+    return not isinstance(v, torch.Tensor) or v.numel() == 1
+
+
+def elementwise_fn(node: fx.Node, src: fx.Node, env: Env) -> Callable[[torch.Tensor], torch.Tensor]:
+    """f(z) = node's op with `src` replaced by z and every other argument frozen to its value in `env`."""
+    from deluceva.delta.base import ArgTemplate
+
+    tmpl = ArgTemplate(node, [src], env)
+    target = node.target
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        args, kwargs = tmpl.fill((z,))
+        return target(*args, **kwargs)  # type: ignore[operator]
+
+    return f
+
+
+def is_elementwise(node: fx.Node, ctx: BuildContext) -> bool:
+    """One varying input used once, elementwise canonical op (or scalar pow/rdiv), scalar other operands."""
+    if node.op != "call_function":
+        return False
+    var = ctx.var_nodes(node)
+    if len(var) != 1:
+        return False
+    uses = [a for a in (*node.args, *node.kwargs.values()) if a is var[0]]
+    if len(uses) != 1:
+        return False
+    if node.target in ops.ELEMENTWISE:
+        ok_pos = node.args[:1] == (var[0],)
+    elif node.target in (operator.pow, operator.truediv, torch.div):
+        ok_pos = True  # x ** c, c ** x, c / x (x / c is linear, handled by arith first)
+    else:
+        return False
+    others = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node) and a is not var[0]]
+    tm_ok = all(
+        (ctx.shape(a) is None or int(torch.Size(ctx.shape(a)).numel()) == 1) for a in others
+    )
+    return ok_pos and tm_ok and ctx.shape(node) == ctx.shape(var[0])
+
+
+class ElementwiseUnit(Unit):
+    """Δy = f(z + Δ) - f(z) at the touched pixels / elements; z is updated in place."""
+
+    kind = "elementwise"
+
+    def seed(self, env: Env) -> Any:
+        src = self.var_nodes[0]
+        x = env(src)
+        self.f = elementwise_fn(self.node, src, env)
+        self.prune = self.node.target in FLAT
+        self.state = RowState(x, self.config.acc_dtype(x.dtype))
+        y = self.f(x)
+        self.out_shape = tuple(y.shape)
+        return y
+
+    def __call__(self, d: Delta) -> Delta:
+        if self.state.rows:
+            if not isinstance(d, PixelDelta):
+                d = pixels_from_dense(d)
+            z_old, z_new = self.state.update(d.index, d.values)
+            return emit(d.index, self.f(z_new) - self.f(z_old), self.out_shape, self.prune)
+        z_old, z_new = self.state.update_dense(to_dense(d, self.out_shape))
+        return self.f(z_new) - self.f(z_old)
+
+
+@register(*functions(*ops.ELEMENTWISE, operator.pow), accepts=is_elementwise)
+def _elementwise(node: fx.Node, ctx: BuildContext) -> Unit:
+    return ElementwiseUnit(node, ctx.var_nodes(node))
+
+
+def fusable_activation(node: fx.Node, ctx: BuildContext) -> fx.Node | None:
+    """The single user of `node` if it is an elementwise activation of it (to fuse into a conv/linear unit)."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    act = users[0]
+    if act.op != "call_function" or act.target not in ops.ELEMENTWISE or not is_elementwise(act, ctx):
+        return None
+    return act if act.args[:1] == (node,) else None

@@ -1,0 +1,246 @@
+"""Delta unit base class, the delta value conventions, and argument templates.
+
+Delta values flowing between units (one per varying graph node):
+- `None`: exactly zero (nothing changed);
+- `PixelDelta`: the delta of a 4-D float tensor (N, C, H, W), active pixels only (channels-last rows);
+- `torch.Tensor`: a dense delta of any other tensor (same shape as the value);
+- tuple/list of the above for ops returning several tensors (split, chunk).
+
+A unit is built once from its fx node. `seed(env)` runs the op densely on full values (`env(node)` gives the full value
+of any input node), stores the state the delta form needs and returns the full output. `__call__(*deltas)` takes the
+deltas of the node's varying inputs (order: `var_nodes`) and returns the output delta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from deluceva.delta.pixels import PixelDelta
+
+Delta = Any  # None | PixelDelta | torch.Tensor | tuple[Delta, ...]
+Env = Callable[[fx.Node], Any]
+
+
+@dataclass
+class FilterConfig:
+    """Settings shared by every filter and unit of one network (the network changes filter ones between frames).
+
+    state_dtype: dtype of accumulated full-value state (pre-activations, stored inputs, outputs). float64 keeps the
+    rounding of hundreds of frames of `z += Δz` far below the float32 rounding of the dense network itself;
+    float32 halves the memory traffic of state updates.
+    """
+
+    filter_pct: float = 0.0
+    granularity: str = "pixel"  # "element" | "pixel" | "tile"
+    noise_floor: float = 0.0
+    tile: int = 8
+    state_dtype: torch.dtype = torch.float64
+
+    def acc_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Accumulation dtype for state of a tensor of `dtype` (never narrower than it; non-floats unchanged)."""
+        return torch.promote_types(dtype, self.state_dtype) if dtype.is_floating_point else dtype
+
+    @property
+    def exact(self) -> bool:
+        """True when filters forward everything (0% filtered, no noise floor)."""
+        return self.filter_pct <= 0.0 and self.noise_floor <= 0.0
+
+
+def is_pixel_shape(shape: Any) -> bool:
+    return len(shape) == 4
+
+
+def nonzero_rows(values: torch.Tensor) -> torch.Tensor:
+    """bool (A,): rows of (A, C) with a non-zero entry (abs-amax: much faster than ne(0).any(1) on CPU)."""
+    return values.abs().amax(1) > 0
+
+
+def pixels_from_dense(t: torch.Tensor) -> PixelDelta:
+    """PixelDelta of a dense 4-D delta (pixels with any non-zero channel), without a channels-last copy of t."""
+    n, c, h, w = t.shape
+    mask = t.abs().amax(1) > 0 if c > 0 else torch.zeros(n, h, w, dtype=torch.bool)
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        vals = t.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(0, idx)
+    elif n == 1:
+        vals = t.reshape(c, h * w).index_select(1, idx).t().contiguous()
+    else:
+        vals = t.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(0, idx)
+    return PixelDelta(idx, vals, (n, c, h, w))
+
+
+def wrap(t: torch.Tensor) -> Delta:
+    """A dense delta tensor -> the flowing form: PixelDelta (4-D floating, None when all zero) or the tensor itself."""
+    if t.dim() == 4 and t.is_floating_point():
+        d = pixels_from_dense(t)
+        return d if d.active else None
+    return t
+
+
+def to_dense(d: Delta, shape: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense delta tensor of `shape` (zeros for None)."""
+    if d is None:
+        return torch.zeros(shape, dtype=dtype)
+    if isinstance(d, PixelDelta):
+        return d.to_dense()
+    return d
+
+
+def to_pixels(d: Delta) -> PixelDelta | None:
+    """PixelDelta (or None) from any 4-D delta form."""
+    if d is None or isinstance(d, PixelDelta):
+        return d
+    return wrap(d)
+
+
+def active_fraction(d: Delta) -> float:
+    """Fraction of active pixels (PixelDelta) or non-zero elements (dense); 0 for None."""
+    if d is None:
+        return 0.0
+    if isinstance(d, PixelDelta):
+        return d.active_fraction
+    if isinstance(d, torch.Tensor):
+        return float(torch.count_nonzero(d)) / max(1, d.numel())
+    if isinstance(d, tuple | list):
+        fr = [active_fraction(x) for x in d]
+        return sum(fr) / max(1, len(fr))
+    return 0.0
+
+
+class Hole:
+    """Placeholder for the i-th varying input inside an argument template."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __repr__(self) -> str:
+        return f"Hole({self.i})"
+
+
+def _has_hole(obj: Any) -> bool:
+    if isinstance(obj, Hole):
+        return True
+    if isinstance(obj, tuple | list):
+        return any(_has_hole(v) for v in obj)
+    if isinstance(obj, dict):
+        return any(_has_hole(v) for v in obj.values())
+    return False
+
+
+def _fill(obj: Any, vals: tuple) -> Any:
+    if isinstance(obj, Hole):
+        return vals[obj.i]
+    if isinstance(obj, tuple | list) and _has_hole(obj):
+        return type(obj)(_fill(v, vals) for v in obj)
+    if isinstance(obj, dict) and _has_hole(obj):
+        return {k: _fill(v, vals) for k, v in obj.items()}
+    return obj
+
+
+class ArgTemplate:
+    """(args, kwargs) of a node with static inputs frozen to their seeded values and varying inputs as holes.
+
+    `fill(vals)` rebuilds the call arguments with `vals[i]` at hole i; flat argument lists take a fast path.
+    """
+
+    def __init__(self, node: fx.Node, var_nodes: list[fx.Node], env: Env) -> None:
+        index = {n: i for i, n in enumerate(var_nodes)}
+
+        def conv(n: fx.Node) -> Any:
+            return Hole(index[n]) if n in index else env(n)
+
+        self.args: tuple = fx.node.map_arg(node.args, conv)  # type: ignore[assignment]
+        self.kwargs: dict = dict(fx.node.map_arg(node.kwargs, conv))  # type: ignore[arg-type]
+        self._flat_args = [(p, a.i) for p, a in enumerate(self.args) if isinstance(a, Hole)]
+        self._flat_kwargs = [(k, v.i) for k, v in self.kwargs.items() if isinstance(v, Hole)]
+        nested = any(_has_hole(a) and not isinstance(a, Hole) for a in self.args) or any(
+            _has_hole(v) and not isinstance(v, Hole) for v in self.kwargs.values()
+        )
+        self._nested = nested
+
+    def fill(self, vals: tuple | list) -> tuple[tuple, dict]:
+        if self._nested:
+            return _fill(self.args, tuple(vals)), _fill(self.kwargs, tuple(vals))
+        args = list(self.args)
+        for p, i in self._flat_args:
+            args[p] = vals[i]
+        if self._flat_kwargs:
+            kwargs = dict(self.kwargs)
+            for k, i in self._flat_kwargs:
+                kwargs[k] = vals[i]
+            return tuple(args), kwargs
+        return tuple(args), self.kwargs
+
+    def holes(self) -> list[tuple[tuple, int]]:
+        """(path, i) of every hole; path = positions/keys from (args, kwargs) down to the hole."""
+        out: list[tuple[tuple, int]] = []
+
+        def walk(obj: Any, path: tuple) -> None:
+            if isinstance(obj, Hole):
+                out.append((path, obj.i))
+            elif isinstance(obj, tuple | list):
+                for j, v in enumerate(obj):
+                    walk(v, (*path, j))
+            elif isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(v, (*path, k))
+
+        walk(self.args, ("args",))
+        walk(self.kwargs, ("kwargs",))
+        return out
+
+
+def call_target(node: fx.Node, module: Any, args: tuple, kwargs: dict) -> Any:
+    """Run the node's operator on (args, kwargs): a function, a Tensor method, or the node's module."""
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)  # type: ignore[operator]
+    if node.op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, node.target)(*rest, **kwargs)  # type: ignore[arg-type]
+    if node.op == "call_module":
+        return module(*args, **kwargs)
+    raise ValueError(f"cannot call node {node.name} ({node.op})")
+
+
+class Unit:
+    """Base of all delta units: one fx node (or a fused chain) with its state.
+
+    Attributes the runtime reads for statistics: `name`, `kind`, `macs` (executed this frame), `dense_macs`.
+    """
+
+    kind = "op"
+    config: FilterConfig = FilterConfig()  # set per network at build
+
+    def __init__(self, node: fx.Node, var_nodes: list[fx.Node], module: Any = None) -> None:
+        self.node = node
+        self.name = node.name
+        self.var_nodes = var_nodes
+        self.module = module
+        self.macs = 0
+        self.dense_macs = 0
+
+    def materialize(self, env: Env) -> tuple[tuple, dict]:
+        """Full-value (args, kwargs) of the node."""
+        return fx.node.map_arg(self.node.args, env), dict(fx.node.map_arg(self.node.kwargs, env))  # type: ignore
+
+    def template(self, env: Env) -> ArgTemplate:
+        return ArgTemplate(self.node, self.var_nodes, env)
+
+    def run(self, args: tuple, kwargs: dict) -> Any:
+        return call_target(self.node, self.module, args, kwargs)
+
+    def seed(self, env: Env) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, *deltas: Delta) -> Delta:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"

@@ -1,0 +1,212 @@
+"""Conv units: conv2d (any kernel/stride/padding/dilation/groups, depthwise) and conv_transpose2d, optionally fused
+with the following elementwise activation.
+
+Sparse op (no bias): Δy = conv(Δx) at the affected output pixels. `make_conv_op` picks the implementation behind one
+function boundary: the fast kernels of `deluceva.delta.kernels` when present (input-centric GEMM + scatter-add), else
+exact torch fallbacks (1x1: gather-GEMM; otherwise F.conv2d on the densified delta).
+Fused activation: state = pre-activation z rows (N*Ho*Wo, Cout) incl. bias; Δy = f(z + Δz) - f(z) at affected pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from deluceva.delta import kernels_bridge
+from deluceva.delta.activation import FLAT, elementwise_fn, emit, fusable_activation
+from deluceva.delta.base import Delta, Env, Unit, pixels_from_dense, to_pixels
+from deluceva.delta.pixels import PixelDelta
+from deluceva.delta.registry import BuildContext, functions, modules, register
+from deluceva.delta.state import RowState
+
+ConvOp = Callable[[PixelDelta], PixelDelta]
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class TorchConvDelta:
+    """Exact reference sparse conv: 1x1 (padding 0, groups 1) as gather-GEMM, otherwise conv of the dense delta."""
+
+    def __init__(self, weight: torch.Tensor, dense_fn: Callable[[torch.Tensor], torch.Tensor],
+                 in_shape: tuple, out_shape: tuple, stride: Any = 1, direct: bool = False) -> None:
+        self.dense_fn = dense_fn
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.direct = direct
+        self.stride = _pair(stride)
+        if direct:
+            self.wmat = weight.detach().reshape(weight.shape[0], -1).t().contiguous()  # (Cin, Cout)
+
+    def __call__(self, d: PixelDelta) -> PixelDelta:
+        if not self.direct:
+            return pixels_from_dense(self.dense_fn(d.to_dense()))
+        idx, vals = d.index, d.values
+        sy, sx = self.stride
+        if (sy, sx) != (1, 1):
+            n, _, h, w = self.in_shape
+            _, _, ho, wo = self.out_shape
+            b, r = idx.div(h * w, rounding_mode="floor"), idx.remainder(h * w)
+            y, x = r.div(w, rounding_mode="floor"), r.remainder(w)
+            keep = ((y.remainder(sy) == 0) & (x.remainder(sx) == 0)).nonzero().squeeze(1)
+            idx = b[keep] * (ho * wo) + y[keep].div(sy, rounding_mode="floor") * wo + x[keep].div(
+                sx, rounding_mode="floor"
+            )
+            vals = vals.index_select(0, keep)
+        return PixelDelta(idx, vals @ self.wmat, self.out_shape)  # type: ignore[arg-type]
+
+
+def make_conv_op(weight: torch.Tensor, in_shape: tuple, out_shape: tuple, stride: Any, padding: Any, dilation: Any,
+                 groups: int, padding_mode: str = "zeros") -> ConvOp:
+    """The sparse delta conv2d for one input shape (kernel when available, else the torch fallback)."""
+    w = weight.detach()
+
+    def dense_fn(dx: torch.Tensor) -> torch.Tensor:
+        if padding_mode != "zeros":
+            pad = _pair(padding)
+            dx = F.pad(dx, (pad[1], pad[1], pad[0], pad[0]), mode=padding_mode)
+            return F.conv2d(dx, w, None, stride, 0, dilation, groups)
+        return F.conv2d(dx, w, None, stride, padding, dilation, groups)
+
+    numeric = not isinstance(padding, str) or padding == "valid"
+    if padding_mode == "zeros" and numeric:
+        op = kernels_bridge.sparse_conv2d(w, in_shape, stride, 0 if padding == "valid" else padding, dilation, groups)
+        if op is not None:
+            return op
+    direct = (
+        w.shape[2:] == (1, 1) and groups == 1 and padding_mode == "zeros" and numeric
+        and (padding == "valid" or _pair(padding) == (0, 0))
+    )
+    return TorchConvDelta(w, dense_fn, in_shape, out_shape, stride, direct)
+
+
+def make_conv_transpose_op(weight: torch.Tensor, in_shape: tuple, out_shape: tuple, stride: Any, padding: Any,
+                           output_padding: Any, groups: int, dilation: Any) -> ConvOp:
+    """The sparse delta conv_transpose2d for one input shape."""
+    w = weight.detach()
+    op = kernels_bridge.sparse_conv_transpose2d(w, in_shape, stride, padding, output_padding, groups, dilation)
+    if op is not None:
+        return op
+
+    def dense_fn(dx: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(dx, w, None, stride, padding, output_padding, groups, dilation)
+
+    return TorchConvDelta(w, dense_fn, in_shape, out_shape)
+
+
+class ConvUnit(Unit):
+    """conv2d / conv_transpose2d (+ fused activation). Input: the data tensor's PixelDelta; output: PixelDelta."""
+
+    kind = "conv"
+    filtered = True  # a filter sits in front of the data input
+
+    def __init__(self, node: fx.Node, var_nodes: list[fx.Node], module: nn.Module | None,
+                 act: fx.Node | None, transpose: bool) -> None:
+        super().__init__(node, var_nodes, module)
+        self.act_node = act
+        self.transpose = transpose
+        self.kind = "conv_transpose" if transpose else "conv"
+        if act is not None:
+            self.kind += "+" + str(getattr(act.target, "__name__", act.target))
+        self.fused = [act] if act is not None else []
+        self._ops: dict[tuple, ConvOp] = {}
+
+    def _params(self, env: Env) -> dict[str, Any]:
+        m = self.module
+        if m is not None:
+            p = {"weight": m.weight, "bias": m.bias, "stride": m.stride, "padding": m.padding,
+                 "dilation": m.dilation, "groups": m.groups, "padding_mode": getattr(m, "padding_mode", "zeros")}
+            if self.transpose:
+                p["output_padding"] = m.output_padding
+            return p
+        args, kwargs = self.materialize(env)
+        names = (["input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"]
+                 if self.transpose else ["input", "weight", "bias", "stride", "padding", "dilation", "groups"])
+        p = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0,
+             "padding_mode": "zeros"}
+        p.update(dict(zip(names, args, strict=False)))
+        p.update(kwargs)
+        return p
+
+    def seed(self, env: Env) -> Any:
+        x = env(self.var_nodes[0])
+        p = self._params(env)
+        self.p = p
+        w = p["weight"].detach()
+        b = p["bias"].detach() if p["bias"] is not None else None
+        if self.module is not None and not self.transpose:
+            z = self.module._conv_forward(x, w, b)
+        elif self.transpose:
+            op_args = (p["stride"], p["padding"], p["output_padding"], p["groups"], p["dilation"])
+            z = F.conv_transpose2d(x, w, b, *op_args)
+        else:
+            z = F.conv2d(x, w, b, p["stride"], p["padding"], p["dilation"], p["groups"])
+        in_shape, out_shape = tuple(x.shape), tuple(z.shape)
+        key = (in_shape, out_shape)
+        if key not in self._ops:
+            if self.transpose:
+                self._ops[key] = make_conv_transpose_op(
+                    w, in_shape, out_shape, p["stride"], p["padding"], p["output_padding"], p["groups"],
+                    p["dilation"],
+                )
+            else:
+                self._ops[key] = make_conv_op(
+                    w, in_shape, out_shape, p["stride"], p["padding"], p["dilation"], p["groups"], p["padding_mode"]
+                )
+        self.op = self._ops[key]
+        self.out_shape = out_shape
+        k = w.shape[2] * w.shape[3]
+        if self.transpose:  # weight (Cin, Cout/g, kh, kw): each input pixel feeds k*Cout/g outputs per channel
+            self.macs_per_pixel = w.shape[0] * k * w.shape[1]
+            self.dense_macs = in_shape[0] * in_shape[2] * in_shape[3] * self.macs_per_pixel
+        else:
+            self.macs_per_pixel = w.shape[1] * k * w.shape[0]
+            self.dense_macs = out_shape[0] * out_shape[2] * out_shape[3] * self.macs_per_pixel
+        if self.act_node is None:
+            return z
+        self.f = elementwise_fn(self.act_node, self.node, env)
+        self.prune = self.act_node.target in FLAT
+        self.state = RowState(z, self.config.acc_dtype(z.dtype))
+        return self.f(z)
+
+    def __call__(self, d: Delta) -> Delta:
+        d = to_pixels(d)
+        if d is None:
+            self.macs = 0
+            return None
+        self.macs = d.active * self.macs_per_pixel
+        dz = self.op(d)
+        if dz.active == 0:
+            return None
+        if self.act_node is None:
+            return dz
+        z_old, z_new = self.state.update(dz.index, dz.values)
+        return emit(dz.index, self.f(z_new) - self.f(z_old), dz.shape, self.prune)
+
+
+def _static_params(node: fx.Node, ctx: BuildContext) -> bool:
+    """Only the data input varies (weights/bias are constants) and the data input is 4-D."""
+    var = ctx.var_nodes(node)
+    return len(var) == 1 and node.args[:1] == (var[0],) and len(ctx.shape(var[0]) or ()) == 4
+
+
+@register(*modules(nn.Conv2d), *functions(F.conv2d), accepts=_static_params)
+def _conv(node: fx.Node, ctx: BuildContext) -> Unit:
+    act = fusable_activation(node, ctx)
+    return ConvUnit(node, ctx.var_nodes(node), ctx.module(node), act, transpose=False)
+
+
+def _transpose_ok(node: fx.Node, ctx: BuildContext) -> bool:
+    return _static_params(node, ctx) and "output_size" not in node.kwargs and len(node.args) <= 1 + (
+        0 if node.op == "call_module" else 7
+    )
+
+
+@register(*modules(nn.ConvTranspose2d), *functions(F.conv_transpose2d), accepts=_transpose_ok)
+def _conv_transpose(node: fx.Node, ctx: BuildContext) -> Unit:
+    act = fusable_activation(node, ctx)
+    return ConvUnit(node, ctx.var_nodes(node), ctx.module(node), act, transpose=True)

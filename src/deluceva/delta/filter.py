@@ -1,0 +1,251 @@
+"""Filters: hold back the smallest deltas in a residual, forward the rest (DESIGN.md "Delta operator unit").
+
+State per filter: residual r (4-D inputs: channels-last rows (N*H*W, C); other inputs: the flat tensor) and the
+per-pixel magnitude m = max over channels of |r| (0 = nothing pending there). Per frame: a = r + incoming delta
+(only touched pixels change); among the granules with non-zero a, forward the largest (100 - filter_pct)% and never
+one whose magnitude is <= noise_floor; the rest stays in r. Granularity (FilterConfig.granularity): "element" (every
+value), "pixel" (all channels of one position; the default), "tile" (T x T pixels). The threshold is the k-th
+smallest candidate magnitude (`torch.kthvalue`, a selection, no sort). Nothing is ever dropped:
+r_before + Δ = r_after + forwarded. With filter_pct = 0 and noise_floor = 0 and nothing pending, the incoming delta
+passes through untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from deluceva.delta import kernels_bridge
+from deluceva.delta.base import Delta, FilterConfig, pixels_from_dense, to_dense
+from deluceva.delta.pixels import PixelDelta
+
+
+def select_forward(mags: torch.Tensor, pct: float, noise_floor: float) -> torch.Tensor:
+    """bool mask over candidate magnitudes (all > 0): the largest (100 - pct)% and > noise_floor."""
+    n = mags.numel()
+    hold = int(round(min(100.0, max(0.0, pct)) / 100.0 * n))
+    if hold <= 0:
+        keep = torch.ones(n, dtype=torch.bool)
+    elif hold >= n:
+        keep = torch.zeros(n, dtype=torch.bool)
+    else:
+        thr = torch.kthvalue(mags, hold).values
+        keep = mags > thr
+        need = (n - hold) - int(keep.sum())
+        if need > 0:  # ties at the threshold (quantised inputs): forward just enough of them, in index order
+            keep[(mags == thr).nonzero().squeeze(1)[:need]] = True
+    if noise_floor > 0:
+        keep &= mags > noise_floor
+    return keep
+
+
+class _Stats:
+    candidates = 0  # granules with a non-zero accumulated delta this frame
+    forwarded = 0  # granules forwarded
+    granules = 1  # granules in the tensor
+
+    @property
+    def held_back(self) -> float:
+        """Fraction of candidate granules held back this frame."""
+        return (self.candidates - self.forwarded) / self.candidates if self.candidates else 0.0
+
+    @property
+    def forwarded_fraction(self) -> float:
+        """Fraction of candidate granules forwarded this frame."""
+        return self.forwarded / self.candidates if self.candidates else 0.0
+
+
+class PixelFilter(_Stats):
+    """Filter for a 4-D input flowing as PixelDelta (granularity element / pixel / tile)."""
+
+    def __init__(self, config: FilterConfig) -> None:
+        self.config = config
+        self.pending = False
+
+    def seed(self, x: torch.Tensor) -> None:
+        n, c, h, w = x.shape
+        self.shape = (n, c, h, w)
+        self.dtype = x.dtype
+        self._r: torch.Tensor | None = None  # allocated on first use: at 0% with nothing pending it is never needed
+        self._m: torch.Tensor | None = None
+        self.tile_id: torch.Tensor | None = None
+        self.pending = False
+        self._kf: Any = None  # the kernel pixel filter sharing r and m (None: not built yet; False: unavailable)
+
+    @property
+    def r(self) -> torch.Tensor:
+        """Residual rows (N*H*W, C)."""
+        if self._r is None:
+            n, c, h, w = self.shape
+            self._r = torch.zeros(n * h * w, c, dtype=self.dtype)
+        return self._r
+
+    @r.setter
+    def r(self, value: torch.Tensor) -> None:
+        self._r = value
+
+    @property
+    def m(self) -> torch.Tensor:
+        """Per-pixel magnitude max_c |r| (N*H*W,)."""
+        if self._m is None:
+            n, _, h, w = self.shape
+            self._m = torch.zeros(n * h * w, dtype=self.dtype)
+        return self._m
+
+    @m.setter
+    def m(self, value: torch.Tensor) -> None:
+        self._m = value
+
+    def _tiles(self) -> torch.Tensor:
+        t = max(1, int(self.config.tile))
+        if self.tile_id is None or self._tile != t:
+            n, _, h, w = self.shape
+            self._tile = t
+            th, tw = -(-h // t), -(-w // t)
+            ys = torch.arange(h).div(t, rounding_mode="floor").view(1, h, 1)
+            xs = torch.arange(w).div(t, rounding_mode="floor").view(1, 1, w)
+            ns = torch.arange(n).view(n, 1, 1)
+            self.tile_id = (ns * (th * tw) + ys * tw + xs).reshape(-1)
+            self.num_tiles = n * th * tw
+        return self.tile_id
+
+    def _kernel(self) -> Any:
+        if self._kf is None:
+            self._kf = kernels_bridge.pixel_filter(self.r, self.m, self.shape) or False
+        return self._kf or None
+
+    def __call__(self, d: Delta) -> PixelDelta | None:
+        cfg = self.config
+        if d is None and not self.pending:
+            self.candidates = self.forwarded = 0
+            return None
+        if cfg.exact and not self.pending:
+            if not isinstance(d, PixelDelta):
+                d = pixels_from_dense(d)
+            self.granules = d.num_pixels
+            self.candidates = self.forwarded = d.active
+            return d if d.active else None
+        if cfg.granularity == "pixel" and (kf := self._kernel()) is not None:
+            return self._kernel_select(kf, d)
+        self._kf = None  # the torch paths below change r and m behind the kernel's candidate list
+        if d is not None:
+            if not isinstance(d, PixelDelta):
+                d = pixels_from_dense(d)
+            rows = self.r.index_select(0, d.index) + d.values
+            self.r.index_copy_(0, d.index, rows)
+            self.m.index_copy_(0, d.index, rows.abs().amax(1))
+        cand = self.m.nonzero().squeeze(1)
+        gran = cfg.granularity
+        if gran == "element":
+            out = self._select_elements(cand)
+        elif gran == "tile":
+            out = self._select_tiles(cand)
+        else:
+            self.granules = self.m.numel()
+            keep = select_forward(self.m.index_select(0, cand), cfg.filter_pct, cfg.noise_floor)
+            fwd = cand[keep]
+            self.candidates, self.forwarded = int(cand.numel()), int(fwd.numel())
+            out = self._emit(fwd)
+        return out
+
+    def _kernel_select(self, kf: Any, d: Delta) -> PixelDelta | None:
+        cfg = self.config
+        if d is None:
+            d = PixelDelta.empty(self.shape, self.r.dtype)
+        elif not isinstance(d, PixelDelta):
+            d = pixels_from_dense(d)
+        out = kf(d, cfg.filter_pct, cfg.noise_floor)
+        remaining = kernels_bridge.pending_candidates(kf)
+        self.granules = self.m.numel()
+        self.forwarded = out.active
+        self.candidates = out.active + remaining
+        self.pending = remaining > 0
+        return out if out.active else None
+
+    def _emit(self, fwd: torch.Tensor) -> PixelDelta | None:
+        """Forward whole rows `fwd` (sorted) and clear them."""
+        self.pending = self.forwarded < self.candidates
+        if fwd.numel() == 0:
+            return None
+        vals = self.r.index_select(0, fwd)
+        self.r.index_fill_(0, fwd, 0.0)
+        self.m.index_fill_(0, fwd, 0.0)
+        return PixelDelta(fwd, vals, self.shape)
+
+    def _select_tiles(self, cand: torch.Tensor) -> PixelDelta | None:
+        cfg = self.config
+        tid = self._tiles().index_select(0, cand)
+        tmag = torch.zeros(self.num_tiles, dtype=self.m.dtype)
+        tmag.scatter_reduce_(0, tid, self.m.index_select(0, cand), "amax", include_self=True)
+        tiles = tmag.nonzero().squeeze(1)
+        keep = select_forward(tmag.index_select(0, tiles), cfg.filter_pct, cfg.noise_floor)
+        keep_tile = torch.zeros(self.num_tiles, dtype=torch.bool)
+        keep_tile[tiles[keep]] = True
+        fwd = cand[keep_tile.index_select(0, tid)]
+        self.granules = self.num_tiles
+        self.candidates, self.forwarded = int(tiles.numel()), int(keep.sum())
+        out = self._emit(fwd)
+        self.pending = bool(self.m.any()) if self.forwarded < self.candidates else False
+        return out
+
+    def _select_elements(self, cand: torch.Tensor) -> PixelDelta | None:
+        cfg = self.config
+        rows = self.r.index_select(0, cand)
+        mag = rows.abs()
+        nz = mag > 0
+        keep_nz = select_forward(mag[nz], cfg.filter_pct, cfg.noise_floor)
+        keep = torch.zeros_like(nz)
+        keep[nz] = keep_nz
+        self.granules = self.r.numel()
+        self.candidates, self.forwarded = int(keep_nz.numel()), int(keep_nz.sum())
+        fwd_row = keep.any(1)
+        fwd = cand[fwd_row]
+        kept = keep[fwd_row]
+        vals = rows[fwd_row] * kept
+        rest = rows * ~keep
+        self.r.index_copy_(0, cand, rest)
+        self.m.index_copy_(0, cand, rest.abs().amax(1))
+        self.pending = self.forwarded < self.candidates
+        return PixelDelta(fwd, vals, self.shape) if fwd.numel() else None
+
+
+class DenseFilter(_Stats):
+    """Element-granularity filter for non-4-D inputs flowing as dense delta tensors (e.g. a linear head's input)."""
+
+    def __init__(self, config: FilterConfig) -> None:
+        self.config = config
+        self.pending = False
+
+    def seed(self, x: torch.Tensor) -> None:
+        self.r = torch.zeros(x.shape, dtype=x.dtype)
+        self.granules = x.numel()
+        self.pending = False
+
+    def __call__(self, d: Delta) -> torch.Tensor | None:
+        cfg = self.config
+        if d is None and not self.pending:
+            self.candidates = self.forwarded = 0
+            return None
+        if cfg.exact and not self.pending:
+            self.candidates = self.forwarded = 0 if d is None else int(torch.count_nonzero(d))
+            return d
+        if d is not None:
+            self.r = self.r + to_dense(d, self.r.shape, self.r.dtype)
+        flat = self.r.reshape(-1)
+        cand = flat.nonzero().squeeze(1)
+        keep = select_forward(flat.index_select(0, cand).abs(), cfg.filter_pct, cfg.noise_floor)
+        fwd = cand[keep]
+        self.candidates, self.forwarded = int(cand.numel()), int(fwd.numel())
+        self.pending = self.forwarded < self.candidates
+        if fwd.numel() == 0:
+            return None
+        out = torch.zeros_like(flat)
+        out[fwd] = flat[fwd]
+        flat[fwd] = 0
+        return out.view(self.r.shape)
+
+
+def make_filter(shape: tuple[int, ...] | None, config: FilterConfig) -> PixelFilter | DenseFilter:
+    """The filter kind for an input of `shape` (4-D -> PixelFilter)."""
+    return PixelFilter(config) if shape is not None and len(shape) == 4 else DenseFilter(config)

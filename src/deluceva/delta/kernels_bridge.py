@@ -1,0 +1,119 @@
+"""The one place the engine calls the fast kernels of `deluceva.delta.kernels` (written separately).
+
+Each function returns a prepared kernel / result, or None when the kernels are unavailable, disabled
+(`DELUCEVA_KERNELS=0` or `kernels_bridge.enabled = False`), or do not cover the configuration (dtype other than
+float32, unsupported geometry); callers then use their exact torch fallbacks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from deluceva.delta.pixels import PixelDelta
+
+enabled = os.environ.get("DELUCEVA_KERNELS", "1") != "0"
+_ERRORS = (ImportError, ValueError, NotImplementedError, RuntimeError, TypeError)
+
+
+def _on(dtype: torch.dtype = torch.float32) -> bool:
+    return enabled and dtype == torch.float32
+
+
+def sparse_conv2d(weight: torch.Tensor, in_shape: tuple, stride: Any, padding: Any, dilation: Any,
+                  groups: int) -> Callable[[PixelDelta], PixelDelta] | None:
+    """Kernel Δy = conv2d(Δx) (no bias) prepared for `in_shape`, or None."""
+    if not _on(weight.dtype):
+        return None
+    try:
+        from deluceva.delta.kernels.conv import SparseConv2d
+
+        return SparseConv2d(weight, tuple(in_shape), stride, padding, dilation, groups)
+    except _ERRORS:
+        return None
+
+
+def sparse_conv_transpose2d(weight: torch.Tensor, in_shape: tuple, stride: Any, padding: Any, output_padding: Any,
+                            groups: int, dilation: Any) -> Callable[[PixelDelta], PixelDelta] | None:
+    """Kernel Δy = conv_transpose2d(Δx) (no bias) prepared for `in_shape`, or None."""
+    if not _on(weight.dtype):
+        return None
+    try:
+        from deluceva.delta.kernels.conv import SparseConvTranspose2d
+
+        return SparseConvTranspose2d(weight, tuple(in_shape), stride, padding, output_padding, groups, dilation)
+    except _ERRORS:
+        return None
+
+
+def pixel_filter(r: torch.Tensor, m: torch.Tensor, shape: tuple) -> Any | None:
+    """Kernel pixel filter sharing the residual rows r (P, C) and magnitudes m (P,), or None."""
+    if not _on(r.dtype):
+        return None
+    try:
+        from deluceva.delta.kernels.filter import PixelFilter
+
+        return PixelFilter(tuple(shape), residual=r, magnitude=m)
+    except _ERRORS:
+        return None
+
+
+def pending_candidates(kf: Any) -> int:
+    """How many pixels a kernel pixel filter still holds back."""
+    for attr in ("num_candidates", "_ncand"):
+        v = getattr(kf, attr, None)
+        if isinstance(v, int):
+            return v
+    cand = getattr(kf, "_cand_t", None)
+    return int(cand.numel()) if cand is not None else int(kf.candidates.numel())
+
+
+def merge_add(parts: list[PixelDelta]) -> PixelDelta | None:
+    """Kernel sum of PixelDeltas of one shape, or None."""
+    if not _on(parts[0].values.dtype):
+        return None
+    try:
+        from deluceva.delta.kernels.merge import add
+
+        return add(*parts)
+    except _ERRORS:
+        return None
+
+
+def concat(parts: list[PixelDelta]) -> PixelDelta | None:
+    """Kernel channel concat of PixelDeltas (all parts given, empty ones included), or None."""
+    if not _on(parts[0].values.dtype):
+        return None
+    try:
+        from deluceva.delta.kernels.merge import concat as kconcat
+
+        return kconcat(*parts)
+    except _ERRORS:
+        return None
+
+
+def max_pool2d(in_shape: tuple, kernel: Any, stride: Any, padding: Any, dilation: Any) -> Any | None:
+    """Kernel sparse max-pool (`seed(x)`, `__call__(Δx)`) for one input shape, or None."""
+    if not enabled:
+        return None
+    try:
+        from deluceva.delta.kernels.pool import SparseMaxPool2d
+
+        return SparseMaxPool2d(tuple(in_shape), kernel, stride, padding, dilation)
+    except _ERRORS:
+        return None
+
+
+def upsample_nearest(d: PixelDelta, scale: int) -> PixelDelta | None:
+    """Kernel nearest upsampling by an integer `scale` on both axes, or None."""
+    if not _on(d.values.dtype):
+        return None
+    try:
+        from deluceva.delta.kernels.resample import upsample_nearest2x
+
+        return upsample_nearest2x(d, scale)
+    except _ERRORS:
+        return None

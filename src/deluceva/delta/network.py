@@ -1,0 +1,324 @@
+"""DeltaNetwork: the converted, stateful network — a flat program of delta units compiled from the fx graph.
+
+Build (once): one unit per graph node (static nodes -> StaticUnit, nodes without a delta form -> RecomputeUnit,
+conv/linear + their single-user activation fused into one unit), argument slots precomputed, a filter in front of
+every conv / conv_transpose / linear input (or every unit input with `filter_all`).
+Run: the first call, the first call after reset()/refresh() and any input shape/dtype change run DENSE: every unit
+seeds its state from full values (`Unit.seed`). Other calls form Δx = x - x_applied and run only the varying units'
+delta forms in order (`Unit.__call__`), skipping units whose inputs all have a zero delta; outputs are kept as full
+tensors and updated by their deltas.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from deluceva.delta.base import Delta, FilterConfig, Unit, active_fraction, pixels_from_dense, to_dense, wrap
+from deluceva.delta.dense import RecomputeUnit, Replace, StaticUnit
+from deluceva.delta.filter import DenseFilter, PixelFilter, make_filter
+from deluceva.delta.pixels import PixelDelta
+from deluceva.delta.registry import BuildContext, lookup
+from deluceva.errors import ModelError
+from deluceva.graph.passes import DENSE, VARYING
+
+
+class Step:
+    """One program entry: a unit, the slots of its varying inputs, its output slot, optional input filters.
+
+    node: the unit's (first) graph node; a fused unit's output is the value of its last fused node.
+    """
+
+    __slots__ = ("unit", "ins", "out", "filters", "node", "ms", "last_in")
+
+    def __init__(self, unit: Unit, ins: list[int], out: int, node: fx.Node) -> None:
+        self.unit, self.ins, self.out, self.node = unit, ins, out, node
+        self.filters: list[PixelFilter | DenseFilter | None] = []
+        self.ms = 0.0
+        self.last_in: list[Delta] = []
+
+
+class _Output:
+    """Full value of one graph output, updated by its deltas (4-D tensors as channels-last rows, in place)."""
+
+    def __init__(self, value: Any, acc: torch.dtype) -> None:
+        self.rows = isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point()
+        if self.rows:
+            self.dtype = value.dtype
+            n, c, h, w = value.shape
+            rows = value.permute(0, 2, 3, 1).reshape(n * h * w, c)
+            self.value = rows.to(torch.promote_types(value.dtype, acc), copy=True)
+            self.shape = (n, c, h, w)
+        else:
+            self.value = _copy(value)
+
+    def add(self, d: Delta) -> None:
+        if d is None:
+            return
+        if self.rows:
+            if not isinstance(d, PixelDelta):
+                d = pixels_from_dense(d)
+            self.value.index_add_(0, d.index, d.values.to(self.value.dtype))
+        else:
+            self.value = _add(self.value, d)
+
+    def get(self) -> Any:
+        """A fresh copy (NCHW-contiguous for 4-D tensors), so callers may modify it."""
+        if self.rows:
+            n, c, h, w = self.shape
+            return self.value.view(n, h, w, c).permute(0, 3, 1, 2).to(self.dtype, memory_format=torch.contiguous_format)
+        return _copy(self.value)
+
+
+def _add(full: Any, d: Delta) -> Any:
+    """full + delta -> a new full value (tuples map; Replace replaces)."""
+    if d is None:
+        return full
+    if isinstance(d, Replace):
+        return d.value
+    if isinstance(full, tuple | list):
+        return type(full)(_add(f, x) for f, x in zip(full, d, strict=True))
+    return full + to_dense(d, full.shape, full.dtype)
+
+
+def _copy(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    if isinstance(v, tuple | list):
+        return type(v)(_copy(x) for x in v)
+    return v
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class DeltaNetwork(nn.Module):
+    """Stateful delta-converted network: `out = net(x)` with the full input, same output structure as the original.
+
+    filter_pct: one target filtering percentage (0..100) for all filters, settable between frames.
+    last_stats: per-unit dicts of the last frame; last_dense: whether the last frame ran dense.
+    """
+
+    def __init__(self, gm: fx.GraphModule, config: FilterConfig, filter_all: bool = False) -> None:
+        super().__init__()
+        self.gm = gm
+        self.config = config
+        self.filter_all = filter_all
+        self._build()
+        self.reset()
+
+    # ---------------------------------------------------------------- settings
+    @property
+    def filter_pct(self) -> float:
+        return self.config.filter_pct
+
+    @filter_pct.setter
+    def filter_pct(self, value: float) -> None:
+        v = float(value)
+        if not 0.0 <= v <= 100.0:
+            raise ValueError(f"filter_pct must be in [0, 100], got {value}")
+        self.config.filter_pct = v
+
+    @property
+    def granularity(self) -> str:
+        return self.config.granularity
+
+    @granularity.setter
+    def granularity(self, value: str) -> None:
+        if value not in ("element", "pixel", "tile"):
+            raise ValueError(f"granularity must be 'element', 'pixel' or 'tile', got {value!r}")
+        self.config.granularity = value
+
+    @property
+    def noise_floor(self) -> float:
+        return self.config.noise_floor
+
+    @noise_floor.setter
+    def noise_floor(self, value: float) -> None:
+        self.config.noise_floor = float(value)
+
+    # ---------------------------------------------------------------- build
+    def _build(self) -> None:
+        gm = self.gm
+        ctx = BuildContext(gm, self.config, self.filter_all)
+        nodes = list(gm.graph.nodes)
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        if not placeholders or any(not n.args for n in placeholders[1:]):
+            raise ModelError(f"cannot convert: the network must take exactly one input tensor, has {len(placeholders)}")
+        self.input_node = placeholders[0]
+        self.output_node = next(n for n in nodes if n.op == "output")
+        slot: dict[fx.Node, int] = {self.input_node: 0}
+        fused: set[fx.Node] = set()
+        deferred: dict[fx.Node, Step] = {}  # a fused unit runs where its last node was (its inputs exist by then)
+        self.steps: list[Step] = []  # every unit, in graph order (dense pass)
+        for node in nodes:
+            if node in deferred:
+                self.steps.append(deferred.pop(node))
+                continue
+            if node is self.input_node or node.op == "output" or node in fused:
+                continue
+            var_nodes = ctx.var_nodes(node)
+            if node.op == "placeholder":  # a forward() argument with a default: that constant
+                unit: Unit = StaticUnit(node, [], node.args[0])
+            elif node.op == "get_attr":
+                unit = StaticUnit(node, [], _fetch_attr(gm, str(node.target)))
+            elif not node.meta.get(VARYING):
+                unit = StaticUnit(node, [], ctx.module(node))
+            elif node.meta.get(DENSE):
+                unit = RecomputeUnit(node, var_nodes, ctx.module(node))
+            else:
+                factory = lookup(node, ctx)
+                made = factory(node, ctx) if factory is not None else None
+                unit = made if made is not None else RecomputeUnit(node, var_nodes, ctx.module(node))
+            chain = list(getattr(unit, "fused", []))
+            out_node = chain[-1] if chain else node
+            fused.update(chain[:-1])
+            slot[out_node] = len(slot)
+            step = Step(unit, [slot[n] for n in unit.var_nodes], slot[out_node], node)
+            unit.config = self.config
+            self._add_filters(step, ctx)
+            if chain:
+                deferred[out_node] = step
+            else:
+                self.steps.append(step)
+        self.slot_of = slot
+        self.n_slots = len(slot)
+        self.delta_steps = [s for s in self.steps if not isinstance(s.unit, StaticUnit)]
+        self.out_nodes = self.output_node.all_input_nodes
+
+    def _add_filters(self, step: Step, ctx: BuildContext) -> None:
+        unit = step.unit
+        if isinstance(unit, StaticUnit) or not unit.var_nodes:
+            return
+        if getattr(unit, "filtered", False):
+            step.filters = [make_filter(ctx.shape(unit.var_nodes[0]), self.config)] + [None] * (
+                len(unit.var_nodes) - 1
+            )
+        elif self.filter_all:
+            step.filters = [
+                make_filter(ctx.shape(n), self.config) if "tensor_meta" in n.meta and ctx.shape(n) else None
+                for n in unit.var_nodes
+            ]
+
+    # ---------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Forget all state: the next call runs dense."""
+        self._x: torch.Tensor | None = None
+        self._outs: dict[fx.Node, _Output] = {}
+        self._dense_next = True
+        self.last_dense = True
+        self._env: list[Delta] = []
+
+    def refresh(self) -> None:
+        """Make the next call run dense and re-seed every unit's state."""
+        self._dense_next = True
+
+    # ---------------------------------------------------------------- run
+    def forward(self, x: torch.Tensor) -> Any:
+        with torch.inference_mode():
+            if self._dense_next or self._x is None or x.shape != self._x.shape or x.dtype != self._x.dtype:
+                return self._run_dense(x)
+            return self._run_delta(x)
+
+    def _result(self) -> Any:
+        return fx.node.map_arg(self.output_node.args[0], lambda n: self._outs[n].get())
+
+    def _run_dense(self, x: torch.Tensor) -> Any:
+        full: dict[fx.Node, Any] = {self.input_node: x}
+        get = full.__getitem__
+        perf = time.perf_counter
+        for step in self.steps:
+            t0 = perf()
+            out = step.unit.seed(get)
+            full[step.node] = out
+            if step.filters:
+                for f, n in zip(step.filters, step.unit.var_nodes, strict=True):
+                    if f is not None:
+                        f.seed(full[n])
+            step.ms = (perf() - t0) * 1e3
+            step.last_in = []
+            for f in getattr(step.unit, "fused", []):
+                full[f] = out
+        self._x = x.detach().clone()
+        self._outs = {n: _Output(full[n], self.config.state_dtype) for n in self.out_nodes}
+        self._dense_next = False
+        self.last_dense = True
+        return self._result()
+
+    def _run_delta(self, x: torch.Tensor) -> Any:
+        dx = wrap(x - self._x) if x.dim() == 4 else x - self._x
+        self._x = x.detach().clone()
+        env: list[Delta] = [None] * self.n_slots
+        env[0] = dx
+        perf = time.perf_counter
+        for step in self.delta_steps:
+            t0 = perf()
+            ins = [env[i] for i in step.ins]
+            step.last_in = ins
+            if step.filters:
+                ins = [d if f is None else f(d) for f, d in zip(step.filters, ins, strict=True)]
+            if all(d is None for d in ins):
+                step.unit.macs = 0
+                env[step.out] = None
+            else:
+                env[step.out] = step.unit(*ins)
+            step.ms = (perf() - t0) * 1e3
+        self._env = env
+        for n in self.out_nodes:
+            if n.meta.get(VARYING):
+                self._outs[n].add(env[self.slot_of[n]])
+        self.last_dense = False
+        return self._result()
+
+    # ---------------------------------------------------------------- statistics
+    @property
+    def units(self) -> list[Unit]:
+        """The varying units in execution order."""
+        return [s.unit for s in self.delta_steps]
+
+    @property
+    def last_stats(self) -> list[dict[str, Any]]:
+        """Per-unit statistics of the last frame (see module docs of deluceva.convert)."""
+        rows = []
+        for s in self.delta_steps:
+            u = s.unit
+            filt = next((f for f in s.filters if f is not None), None)
+            if self.last_dense:
+                fin = fout = 1.0
+                macs = u.dense_macs
+            else:
+                fin = max((active_fraction(d) for d in s.last_in), default=0.0)
+                fout = active_fraction(self._env[s.out]) if self._env else 0.0
+                macs = u.macs
+            row = {
+                "name": u.name,
+                "kind": u.kind,
+                "dense": self.last_dense,
+                "active_in": fin,
+                "active_out": fout,
+                "forwarded": None if filt is None or self.last_dense else filt.forwarded_fraction,
+                "held_back": None if filt is None or self.last_dense else filt.held_back,
+                "candidates": None if filt is None or self.last_dense else filt.candidates,
+                "macs": int(macs),
+                "dense_macs": int(u.dense_macs),
+                "ms": s.ms,
+            }
+            rows.append(row)
+        return rows
+
+    def describe(self) -> str:
+        """One line per varying unit: name, kind, inputs, filter."""
+        lines = []
+        for s in self.delta_steps:
+            f = "filter " if any(s.filters) else ""
+            ins = ", ".join(n.name for n in s.unit.var_nodes)
+            lines.append(f"{s.unit.name:<24} {s.unit.kind:<22} {f}<- {ins}")
+        return "\n".join(lines)
+

@@ -1,0 +1,133 @@
+"""Filters: nothing is ever dropped, the held-back fraction follows filter_pct, noise floor and granularities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deluceva import convert
+from deluceva.delta import kernels_bridge
+from deluceva.delta.base import FilterConfig
+from deluceva.delta.filter import DenseFilter, PixelFilter, select_forward
+from deluceva.delta.pixels import PixelDelta
+
+
+def _random_delta(shape, frac, g) -> PixelDelta:
+    n, c, h, w = shape
+    mask = torch.rand(n * h * w, generator=g) < frac
+    idx = mask.nonzero().squeeze(1)
+    vals = torch.randn(idx.numel(), c, generator=g) * torch.rand(idx.numel(), 1, generator=g) ** 3
+    return PixelDelta(idx, vals, shape)
+
+
+@pytest.fixture(params=[True, False], ids=["kernels", "torch"])
+def kernels(request, monkeypatch):
+    monkeypatch.setattr(kernels_bridge, "enabled", request.param)
+    return request.param
+
+
+def test_select_forward_exact_count_with_ties():
+    mags = torch.tensor([1.0] * 50 + [2.0] * 50)
+    assert int(select_forward(mags, 50, 0).sum()) == 50
+    assert int(select_forward(mags, 90, 0).sum()) == 10
+    assert int(select_forward(mags, 0, 1.0).sum()) == 50  # noise floor: magnitude <= floor never forwarded
+    assert int(select_forward(mags, 100, 0).sum()) == 0
+
+
+@pytest.mark.parametrize("granularity", ["element", "pixel", "tile"])
+@pytest.mark.parametrize("pct", [0, 30, 50, 90])
+def test_pixel_filter_conserves_and_holds_back_pct(kernels, granularity, pct):
+    g = torch.Generator().manual_seed(pct)
+    shape = (2, 5, 40, 48)
+    cfg = FilterConfig(filter_pct=pct, granularity=granularity, tile=4)
+    f = PixelFilter(cfg)
+    f.seed(torch.zeros(shape))
+    sent = torch.zeros(shape[0] * shape[2] * shape[3], shape[1])
+    total = torch.zeros_like(sent)
+    for _ in range(8):
+        d = _random_delta(shape, 0.3, g)
+        total.index_add_(0, d.index, d.values)
+        out = f(d)
+        if out is not None:
+            assert torch.equal(out.index, torch.sort(out.index).values)
+            sent.index_add_(0, out.index, out.values)
+        torch.testing.assert_close(sent + f.r, total, rtol=0, atol=1e-6)  # nothing dropped
+        if pct and f.candidates >= 100:
+            assert abs(100 * f.held_back - pct) <= 2
+    if pct == 0:
+        assert float(f.r.abs().max()) == 0.0
+
+
+def test_pixel_filter_noise_floor_and_pass_through(kernels):
+    cfg = FilterConfig(filter_pct=0, noise_floor=0.5)
+    f = PixelFilter(cfg)
+    f.seed(torch.zeros(1, 2, 4, 4))
+    d = PixelDelta(torch.tensor([0, 3, 5]), torch.tensor([[0.1, 0.2], [0.0, 0.9], [-0.6, 0.0]]), (1, 2, 4, 4))
+    out = f(d)
+    assert out.index.tolist() == [3, 5]
+    assert f(PixelDelta(torch.tensor([0]), torch.tensor([[0.3, 0.0]]), (1, 2, 4, 4))) is None  # 0.4 <= 0.5
+    out = f(PixelDelta(torch.tensor([0]), torch.tensor([[0.2, 0.0]]), (1, 2, 4, 4)))
+    assert out.index.tolist() == [0]  # accumulated 0.6 > 0.5
+    assert torch.allclose(out.values, torch.tensor([[0.6, 0.2]]))
+    cfg.noise_floor = 0.0
+    d = PixelDelta(torch.tensor([1, 2]), torch.tensor([[1.0, 0.0], [0.0, 0.0]]), (1, 2, 4, 4))
+    assert not f.pending
+    out = f(d)
+    assert out is d  # exact and nothing pending: the delta passes through untouched
+
+
+def test_dense_filter():
+    g = torch.Generator().manual_seed(0)
+    cfg = FilterConfig(filter_pct=75)
+    f = DenseFilter(cfg)
+    f.seed(torch.zeros(4, 100))
+    total, sent = torch.zeros(4, 100), torch.zeros(4, 100)
+    for _ in range(5):
+        d = torch.randn(4, 100, generator=g)
+        total += d
+        out = f(d)
+        sent += out
+        torch.testing.assert_close(sent + f.r, total, rtol=0, atol=1e-5)
+        assert abs(100 * f.held_back - 75) <= 2
+
+
+def test_filter_all_units(kernels):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                            torch.nn.Linear(8 * 5 * 5, 4)).eval()  # fmt: skip
+    x = torch.randn(1, 3, 12, 12)
+    net = convert(m, x, filter_all=True)
+    g = torch.Generator().manual_seed(1)
+    xs = [x + 0.1 * i * torch.randn(x.shape, generator=g) for i in range(4)]
+    for xi in xs:
+        torch.testing.assert_close(net(xi), m(xi), rtol=1e-5, atol=1e-5)
+    assert all(r["held_back"] is not None for r in net.last_stats)  # a filter in front of every unit
+    net.filter_pct = 60
+    net(xs[0])
+    held = [r["held_back"] for r in net.last_stats if r["candidates"] and r["candidates"] >= 50]
+    assert held and all(abs(100 * h - 60) <= 2 for h in held)
+
+
+def test_granularity_validation():
+    with pytest.raises(ValueError, match="granularity"):
+        convert(torch.nn.ReLU(), torch.randn(1, 1, 2, 2), granularity="block")
+
+
+def test_switching_granularity_and_pct_between_frames_conserves(kernels):
+    g = torch.Generator().manual_seed(3)
+    shape = (1, 4, 24, 32)
+    cfg = FilterConfig(filter_pct=50)
+    f = PixelFilter(cfg)
+    f.seed(torch.zeros(shape))
+    sent = torch.zeros(24 * 32, 4)
+    total = torch.zeros_like(sent)
+    plan = [("pixel", 50), ("tile", 80), ("element", 30), ("pixel", 90), ("tile", 0), ("pixel", 0), ("pixel", 0)]
+    for gran, pct in plan:
+        cfg.granularity, cfg.filter_pct = gran, pct
+        d = _random_delta(shape, 0.2, g)
+        total.index_add_(0, d.index, d.values)
+        out = f(d)
+        if out is not None:
+            sent.index_add_(0, out.index, out.values)
+        torch.testing.assert_close(sent + f.r, total, rtol=0, atol=1e-6)
+    assert float(f.r.abs().max()) == 0.0 and not f.pending  # at 0% everything pending went out
