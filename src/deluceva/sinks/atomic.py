@@ -6,6 +6,8 @@ import os
 import uuid
 import weakref
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from deluceva.errors import OutputError
 
@@ -61,3 +63,25 @@ class AtomicPath:
         """Remove the temporary file (idempotent)."""
         self.done = True
         self._finalizer()
+
+
+class CommitOnExit:
+    """Context-manager mixin for writers with close() (commit) and abort() (discard): a `with` block that ends with
+    an exception leaves no file at the target path."""
+
+    def close(self):  # pragma: no cover - implemented by the writer
+        raise NotImplementedError
+
+    def abort(self) -> None:  # pragma: no cover - implemented by the writer
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

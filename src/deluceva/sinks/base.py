@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import TracebackType
 
-from deluceva.sinks.atomic import AtomicPath
+from deluceva.sinks.atomic import AtomicPath, CommitOnExit
 
 
-class ResultSink:
+class ResultSink(CommitOnExit):
     """Writes one record (dict) per processed frame to a temporary file; `close()` publishes it.
 
     Use as a context manager: a normal exit publishes the output at its path, an exception (including
@@ -55,13 +54,3 @@ class ResultSink:
             finally:
                 self._atomic.abort()
 
-    def __enter__(self) -> ResultSink:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

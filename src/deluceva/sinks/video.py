@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
-from types import TracebackType
 
 import av
 import cv2
 import numpy as np
 
 from deluceva.errors import OutputError
-from deluceva.sinks.atomic import AtomicPath
+from deluceva.sinks.atomic import AtomicPath, CommitOnExit
 from deluceva.sinks.draw import as_records, draw_detections
 from deluceva.zoo.base import Detections
 
@@ -28,7 +27,7 @@ def pick_codec() -> str:
         return "mpeg4"
 
 
-class AnnotatedVideoSink:
+class AnnotatedVideoSink(CommitOnExit):
     """Writes annotated frames to a video at constant `fps`.
 
     path:    .mp4, .mkv, .mov or .avi; written to a hidden temporary file beside it and renamed on
@@ -128,13 +127,3 @@ class AnnotatedVideoSink:
         finally:
             self._atomic.abort()
 
-    def __enter__(self) -> AnnotatedVideoSink:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
