@@ -52,6 +52,7 @@ def detect(
     out: Annotated[Path | None, typer.Option(help="results.jsonl or results.parquet")] = None,
     video_out: Annotated[Path | None, typer.Option(help="Annotated video, e.g. annotated.mp4")] = None,
     stats: Annotated[Path | None, typer.Option(help="Delta mode: per-unit stats per frame (.parquet/.jsonl)")] = None,
+    plan: Annotated[str, typer.Option(help="Delta mode: auto | dense | delta | plan or profile FILE")] = "auto",
 ) -> None:
     """Detect objects in every (sampled) frame of SOURCE and write per-frame results."""
     from deluceva.engine import Engine, EngineConfig
@@ -75,6 +76,10 @@ def detect(
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(open_source(source, fps=fps, start=start, max_frames=max_frames))
         engine.input_hw_for(src.source_hw)  # validates --imgsz before any output is created
+        if mode == "delta":
+            from deluceva.plan.session import plan_engine
+
+            console.print(plan_engine(engine, plan, src.source_hw))
         sink = stack.enter_context(open_sink(out)) if out else None
         stats_sink = stack.enter_context(open_sink(stats)) if stats else None
         vsink = None
@@ -119,6 +124,75 @@ def _print_summary(records: list[dict], model: str, out: Path | None, video_out:
         if path:
             t.add_row(label, str(path))
     console.print(t)
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Option(help="Zoo name or path")] = "yolov5n",
+    imgsz: Annotated[str | None, typer.Option(help="N, WxH or native; default the model's")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads")] = 1,
+    video: Annotated[Path, typer.Option(help="Real frames come from this video")] = Path(
+        "assets/video/one-by-one-person-detection.mp4"),
+    frames: Annotated[int, typer.Option(help="Consecutive frames per pass (the first seeds)")] = 30,
+    out: Annotated[Path | None, typer.Option(help="Profile JSON (default ~/.cache/deluceva/profiles/...)")] = None,
+) -> None:
+    """Time every unit densely and as a delta unit at filtering 0..99.5% on real frames; save the profile."""
+    from deluceva.plan.session import profile_model
+
+    if frames < 2:
+        raise DelucevaError(f"--frames must be >= 2, got {frames}")
+    with progress_bar() as bar:
+        def start(total: int):  # noqa: ANN202
+            task = bar.add_task(f"profile {model}", total=total, rate="")
+            return lambda desc: bar.update(task, advance=1, rate=desc)
+
+        prof, path = profile_model(model, imgsz, threads, video, frames, out=out, progress=start)
+    t = Table(title=f"deluceva profile — {prof.key.model} {prof.key.hw[1]}x{prof.key.hw[0]}, {threads} thread(s)")
+    for col in ("filter %", "all-delta ms/frame", "all-dense ms/frame"):
+        t.add_column(col, justify="right")
+    for p in prof.pcts:
+        k = f"{p:g}"
+        t.add_row(k, *(f"{prof.frame_ms.get(m, {}).get(k, float('nan')):.1f}" for m in ("delta", "dense")))
+    t.caption = f"saved {path}"
+    out_console.print(t)
+
+
+@app.command("plan")
+def plan_cmd(
+    model: Annotated[str, typer.Option(help="Zoo name or path")] = "yolov5n",
+    imgsz: Annotated[str | None, typer.Option(help="N, WxH or native; default the model's")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads the profile was made with")] = 1,
+    filter_pct: Annotated[float, typer.Option("--filter", help="Filtering percentage to plan for")] = 90.0,
+    profile_path: Annotated[Path | None, typer.Option("--profile", help="Profile JSON (default: stored)")] = None,
+    save: Annotated[Path | None, typer.Option(help="Write the plans for all bands (JSON) for detect --plan")] = None,
+) -> None:
+    """Print the physical plan: per operator its cost dense and delta at --filter and the choice, with totals."""
+    from deluceva.plan import CostModel, ProfileKey, make_plan, make_planset
+    from deluceva.plan.report import plan_table
+    from deluceva.plan.session import find_profile
+    from deluceva.zoo.base import native_input_hw, parse_imgsz
+    from deluceva.zoo.registry import ZOO
+
+    if not 0.0 <= filter_pct <= 100.0:
+        raise DelucevaError(f"--filter must be in [0, 100], got {filter_pct}")
+    if profile_path is not None:
+        prof, reasons = find_profile(ProfileKey("", (0, 0), threads), profile_path)
+        reasons = prof.stale_reasons() if prof else reasons
+    else:
+        native = ZOO[model].native_hw if model in ZOO else (640, 640)
+        hw = parse_imgsz(imgsz, native)
+        hw = native_input_hw(native) if hw == "native" else hw
+        prof, reasons = find_profile(ProfileKey(model, hw, threads))  # type: ignore[arg-type]
+        if prof is None:
+            raise DelucevaError(f"no profile for {model} {hw[1]}x{hw[0]} {threads} thread(s); run `deluceva "
+                                f"profile --model {model} --imgsz {hw[1]}x{hw[0]} --threads {threads}`")
+    if reasons:
+        console.print(f"[yellow]warning: stale profile ({'; '.join(reasons)}); timings may not hold here")
+    cost = CostModel(prof)  # type: ignore[arg-type]
+    out_console.print(plan_table(cost, make_plan(cost, filter_pct)))
+    if save:
+        make_planset(prof).save(save)  # type: ignore[arg-type]
+        console.print(f"plans saved to {save}")
 
 
 @app.command()
