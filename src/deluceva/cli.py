@@ -61,7 +61,7 @@ def detect(
     from deluceva.zoo.registry import load_model
 
     config = EngineConfig(mode=mode, imgsz=imgsz, filter_pct=filter_pct, threads=threads,  # type: ignore[arg-type]
-                          dense_engine=dense_engine, refresh_every=refresh_every)
+                          dense_engine=dense_engine, refresh_every=refresh_every, plan=plan)
     if max_frames is not None and max_frames < 1:
         raise DelucevaError(f"--max-frames must be >= 1, got {max_frames}")
     if stats is not None and mode != "delta":
@@ -77,9 +77,8 @@ def detect(
         src = stack.enter_context(open_source(source, fps=fps, start=start, max_frames=max_frames))
         engine.input_hw_for(src.source_hw)  # validates --imgsz before any output is created
         if mode == "delta":
-            from deluceva.plan.session import plan_engine
-
-            console.print(plan_engine(engine, plan, src.source_hw))
+            engine.ensure_prepared(src.source_hw)  # converts and resolves --plan before any output exists
+            console.print(engine.plan_note)
         sink = stack.enter_context(open_sink(out)) if out else None
         stats_sink = stack.enter_context(open_sink(stats)) if stats else None
         vsink = None

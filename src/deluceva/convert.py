@@ -11,7 +11,9 @@ Using the result (a stateful nn.Module):
     net.filter_pct = 90                # one target for every filter, settable between frames
     net.refresh()                      # next call runs dense and re-seeds all state; net.reset() forgets it
     net.last_dense                     # whether the last call ran dense (first call, after reset/refresh, new shape)
-    net.last_stats                     # per unit: name, kind, dense, active_in / active_out (fraction of pixels or
+    net.unit_names / net.set_unit_modes({name: "delta" | "dense" | "auto"})   # per-unit execution form
+    net.last_stats                     # per unit: name, kind, dense, mode (form that ran: dense|delta),
+                                       # active_in / active_out (fraction of pixels or
                                        # elements with a non-zero delta), forwarded / held_back / candidates at its
                                        # filter, macs (executed, input-centric) / dense_macs, ms
 """
@@ -41,6 +43,8 @@ def convert(
     tile: int = 8,
     filter_all: bool = False,
     state_dtype: torch.dtype = torch.float64,
+    input_floor: float = 0.0,
+    relative_floor: float = 0.0,
     warmup: bool = True,
 ) -> DeltaNetwork:
     """Convert `module` (fx-traceable, eval mode is applied to a copy) into a stateful DeltaNetwork.
@@ -50,7 +54,10 @@ def convert(
     granularity: "element" | "pixel" | "tile" (tile x tile pixels). noise_floor: granules with magnitude <= it are
     never forwarded. filter_all: filters in front of every unit input, not only conv / conv_transpose / linear.
     state_dtype: accumulation dtype of the units' full-value state (float64: no drift over hundreds of frames beyond
-    the float32 noise of the dense network; float32: less memory traffic). warmup: run one dense and one delta
+    the float32 noise of the dense network; float32: less memory traffic). input_floor: changes of the network input
+    are held back until their accumulated magnitude exceeds it (input units; e.g. 3 grey levels * input scale, above
+    codec noise). relative_floor: every filter's noise floor is relative_floor * the std of its input at the last
+    dense frame (deep layers re-sparsify). Both are settable later on `net.config`. warmup: run one dense and one delta
     frame on the example input (then reset), so that kernel compilation/loading does not land on the first frames.
     Raises ModelError (one line) when the module cannot be traced or the example input fails.
     """
@@ -64,7 +71,8 @@ def convert(
     gm = canonical_passes(gm)
     gm = shape_prop(gm, example_input)
     gm = mark_varying(gm)
-    config = FilterConfig(float(filter_pct), granularity, float(noise_floor), int(tile), state_dtype)
+    config = FilterConfig(float(filter_pct), granularity, float(noise_floor), int(tile), state_dtype,
+                          float(input_floor), float(relative_floor))
     ctx = BuildContext(gm, config, filter_all)
     gm = mark_dense(gm, lambda node: lookup(node, ctx) is not None)
     net = DeltaNetwork(gm, config, filter_all=filter_all)

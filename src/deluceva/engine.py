@@ -15,6 +15,7 @@ import torch
 
 from deluceva.dense import DenseRun, make_dense
 from deluceva.errors import DelucevaError
+from deluceva.plan import apply_plan
 from deluceva.zoo.base import Detections, Detector
 
 Mode = Literal["dense", "delta"]
@@ -30,7 +31,11 @@ class FrameLike(Protocol):
 class EngineConfig:
     """mode: dense or delta; imgsz: None (model's native), N, 'WxH' or 'native' (the video's own size);
     filter_pct: the delta network's target filtering percentage (0 = exact); refresh_every: in delta mode, run a
-    dense frame every N frames to re-seed the state (None = never); dense_engine: auto|onnxruntime|torch-cl|torch."""
+    dense frame every N frames to re-seed the state (None = never); dense_engine: auto|onnxruntime|torch-cl|torch.
+    input_noise_floor: with filter_pct > 0, input changes up to this many grey levels (codec noise) wait until they
+    accumulate beyond it (converted with the detector's input_scale); relative_floor: with filter_pct > 0, every
+    filter also holds back changes up to this fraction of its input's std. At filter_pct = 0 both are off (exact).
+    plan: delta mode's physical plan, auto | dense | delta | plan/profile file (see deluceva.plan)."""
 
     mode: Mode = "dense"
     imgsz: str | int | tuple[int, int] | None = None
@@ -38,6 +43,9 @@ class EngineConfig:
     threads: int = 1
     dense_engine: str = "auto"
     refresh_every: int | None = None
+    input_noise_floor: float = 3.0
+    relative_floor: float = 0.0
+    plan: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in ("dense", "delta"):
@@ -60,6 +68,8 @@ class Engine:
         self._input_hw: tuple[int, int] | None = None
         self._dense: dict[tuple[int, int], DenseRun] = {}
         self._delta = None
+        self._plans = None
+        self.plan_note = ""
         self._frames_since_dense = 0
         self.last_unit_stats: list[dict[str, Any]] = []
 
@@ -75,8 +85,12 @@ class Engine:
                 self._dense[hw] = make_dense(self.detector.network, hw, self.config.threads, self.config.dense_engine)
         elif self._delta is None:
             from deluceva.convert import convert
+            from deluceva.plan import ProfileKey
+            from deluceva.plan.session import resolve_plan
 
             self._delta = convert(self.detector.network, torch.zeros(1, 3, *hw), filter_pct=self.config.filter_pct)
+            self._plans, self.plan_note = resolve_plan(self.config.plan,
+                                                       ProfileKey(self.detector.name, hw, self.config.threads))
         self._input_hw = hw
         return hw
 
@@ -101,7 +115,12 @@ class Engine:
         every = self.config.refresh_every
         if every is not None and self._frames_since_dense >= every:
             net.refresh()
-        net.filter_pct = self.config.filter_pct
+        cfg = self.config
+        apply_plan(net, self._plans, cfg.filter_pct)  # sets net.filter_pct and the plan band's unit modes
+        on = cfg.filter_pct > 0.0
+        scale = float(getattr(self.detector, "input_scale", 1 / 255))
+        net.config.input_floor = cfg.input_noise_floor * scale if on else 0.0
+        net.config.relative_floor = cfg.relative_floor if on else 0.0
         with torch.inference_mode():
             out = net(x)
         ran_dense = bool(net.last_dense)

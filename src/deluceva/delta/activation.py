@@ -35,6 +35,16 @@ def emit(idx: torch.Tensor, vals: torch.Tensor, shape: tuple, prune: bool) -> Pi
     return PixelDelta(idx, vals, shape) if idx.numel() else None  # type: ignore[arg-type]
 
 
+def emit_all(vals: torch.Tensor, shape: tuple) -> PixelDelta | None:
+    """PixelDelta of dense output rows (N*H*W, C): the rows with a non-zero entry; None when all are zero."""
+    sel = nonzero_rows(vals).nonzero().squeeze(1)
+    if sel.numel() == 0:
+        return None
+    if sel.numel() == vals.shape[0]:
+        return PixelDelta(sel, vals.contiguous(), shape)  # type: ignore[arg-type]
+    return PixelDelta(sel, vals.index_select(0, sel), shape)  # type: ignore[arg-type]
+
+
 def rows_of(x: torch.Tensor) -> torch.Tensor:
     """Own channels-last rows (N*H*W, C) copy of a 4-D tensor."""
     n, c, h, w = x.shape
@@ -86,6 +96,8 @@ class ElementwiseUnit(Unit):
     """Δy = f(z + Δ) - f(z) at the touched pixels / elements; z is updated in place."""
 
     kind = "elementwise"
+    has_dense = True
+    break_even = 0.15
 
     def seed(self, env: Env) -> Any:
         src = self.var_nodes[0]
@@ -105,6 +117,14 @@ class ElementwiseUnit(Unit):
             return emit(d.index, self.f(z_new) - self.f(z_old), self.out_shape, self.prune)
         z_old, z_new = self.state.update_dense(to_dense(d, self.out_shape))
         return self.f(z_new) - self.f(z_old)
+
+    def dense_call(self, d: Delta) -> Delta:
+        """Same Δy as `__call__`, computed on every row."""
+        if not self.state.rows:
+            return self(d)
+        rows = d.to_rows() if isinstance(d, PixelDelta) else pixels_from_dense(d).to_rows()
+        z_old, z_new = self.state.update_all(rows)
+        return emit_all(self.f(z_new) - self.f(z_old), self.out_shape)
 
 
 @register(*functions(*ops.ELEMENTWISE, operator.pow), accepts=is_elementwise)

@@ -40,6 +40,8 @@ class FilterConfig:
     noise_floor: float = 0.0
     tile: int = 8
     state_dtype: torch.dtype = torch.float64
+    input_floor: float = 0.0  # the network input's filter: pixels whose accumulated change is <= it wait (input units)
+    relative_floor: float = 0.0  # each filter's floor = relative_floor * std of its input at the last dense frame
 
     def acc_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """Accumulation dtype for state of a tensor of `dtype` (never narrower than it; non-floats unchanged)."""
@@ -47,8 +49,8 @@ class FilterConfig:
 
     @property
     def exact(self) -> bool:
-        """True when filters forward everything (0% filtered, no noise floor)."""
-        return self.filter_pct <= 0.0 and self.noise_floor <= 0.0
+        """True when filters forward everything (0% filtered, no noise floors)."""
+        return self.filter_pct <= 0.0 and self.noise_floor <= 0.0 and self.relative_floor <= 0.0
 
 
 def is_pixel_shape(shape: Any) -> bool:
@@ -209,14 +211,24 @@ def call_target(node: fx.Node, module: Any, args: tuple, kwargs: dict) -> Any:
     raise ValueError(f"cannot call node {node.name} ({node.op})")
 
 
+UNIT_MODES = ("delta", "dense", "auto")
+
+
 class Unit:
     """Base of all delta units: one fx node (or a fused chain) with its state.
 
     Attributes the runtime reads for statistics: `name`, `kind`, `macs` (executed this frame), `dense_macs`.
+    Execution mode (`mode`, set by DeltaNetwork.set_unit_modes): "delta" runs `__call__`; "dense" runs `dense_call`
+    (the op computed densely on the densified delta, still emitting a delta); "auto" runs dense when the incoming
+    active fraction exceeds `break_even`. Units without a cheaper dense form (`has_dense = False`) always run their
+    delta form (their `dense_call` is `__call__`).
     """
 
     kind = "op"
     config: FilterConfig = FilterConfig()  # set per network at build
+    has_dense = False
+    break_even = 1.0  # incoming active fraction above which the dense form is faster (auto mode)
+    mode = "auto"
 
     def __init__(self, node: fx.Node, var_nodes: list[fx.Node], module: Any = None) -> None:
         self.node = node
@@ -241,6 +253,10 @@ class Unit:
 
     def __call__(self, *deltas: Delta) -> Delta:
         raise NotImplementedError
+
+    def dense_call(self, *deltas: Delta) -> Delta:
+        """The unit's op computed densely (exact, same output delta as `__call__`); default: the delta form."""
+        return self(*deltas)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from deluceva.delta import kernels_bridge
-from deluceva.delta.activation import FLAT, elementwise_fn, emit, fusable_activation
+from deluceva.delta.activation import FLAT, elementwise_fn, emit, emit_all, fusable_activation
 from deluceva.delta.base import Delta, Env, Unit, pixels_from_dense, to_pixels
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, functions, modules, register
@@ -98,11 +98,31 @@ def make_conv_transpose_op(weight: torch.Tensor, in_shape: tuple, out_shape: tup
     return TorchConvDelta(w, dense_fn, in_shape, out_shape)
 
 
+def conv_break_even(weight: torch.Tensor, groups: int, transpose: bool) -> float:
+    """Incoming active fraction above which the dense form of a conv is faster than the sparse kernel.
+
+    From the per-operator benchmark (bench/results/ops.json, 1 thread), shifted up for the dense form's extra work
+    (state update and activation on every row, torch's slow dense conv of few-channel inputs): depthwise ~15%,
+    the RGB first conv and thin convs (Cin*K <= 150) ~25%, 1x1 ~40%, others ~50%.
+    """
+    cin_g = weight.shape[0] // groups if transpose else weight.shape[1]
+    k = weight.shape[2] * weight.shape[3]
+    if groups > 1 and cin_g == 1:
+        return 0.15
+    if k == 1:
+        return 0.4
+    return 0.25 if cin_g * k <= 150 else 0.5
+
+
 class ConvUnit(Unit):
-    """conv2d / conv_transpose2d (+ fused activation). Input: the data tensor's PixelDelta; output: PixelDelta."""
+    """conv2d / conv_transpose2d (+ fused activation). Input: the data tensor's PixelDelta; output: PixelDelta.
+
+    Dense form (`dense_call`): F.conv2d of the densified delta, the state updated on every row.
+    """
 
     kind = "conv"
     filtered = True  # a filter sits in front of the data input
+    has_dense = True
 
     def __init__(self, node: fx.Node, var_nodes: list[fx.Node], module: nn.Module | None,
                  act: fx.Node | None, transpose: bool) -> None:
@@ -158,6 +178,8 @@ class ConvUnit(Unit):
                     w, in_shape, out_shape, p["stride"], p["padding"], p["dilation"], p["groups"], p["padding_mode"]
                 )
         self.op = self._ops[key]
+        self._dense_fn = getattr(self.op, "dense", None) or self.op.dense_fn
+        self.break_even = conv_break_even(w, int(p["groups"]), self.transpose)
         self.out_shape = out_shape
         k = w.shape[2] * w.shape[3]
         if self.transpose:  # weight (Cin, Cout/g, kh, kw): each input pixel feeds k*Cout/g outputs per channel
@@ -186,6 +208,21 @@ class ConvUnit(Unit):
             return dz
         z_old, z_new = self.state.update(dz.index, dz.values)
         return emit(dz.index, self.f(z_new) - self.f(z_old), dz.shape, self.prune)
+
+    def dense_call(self, d: Delta) -> Delta:
+        """Same Δy as `__call__`, computed as a dense conv of the densified delta."""
+        d = to_pixels(d)
+        if d is None:
+            self.macs = 0
+            return None
+        self.macs = self.dense_macs
+        dz = self._dense_fn(d.to_dense())
+        n, c, h, w = dz.shape
+        rows = dz.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        if self.act_node is None:
+            return emit_all(rows, self.out_shape)
+        z_old, z_new = self.state.update_all(rows)
+        return emit_all(self.f(z_new) - self.f(z_old), self.out_shape)
 
 
 def _static_params(node: fx.Node, ctx: BuildContext) -> bool:

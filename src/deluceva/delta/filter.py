@@ -57,16 +57,26 @@ class _Stats:
 
 
 class PixelFilter(_Stats):
-    """Filter for a 4-D input flowing as PixelDelta (granularity element / pixel / tile)."""
+    """Filter for a 4-D input flowing as PixelDelta (granularity element / pixel / tile).
+
+    Floor (magnitudes <= it never forwarded): max(noise_floor, relative_floor * std of the input at seed).
+    """
 
     def __init__(self, config: FilterConfig) -> None:
         self.config = config
         self.pending = False
+        self.scale = 0.0
+
+    def _settings(self) -> tuple[float, float]:
+        """(percentage held back, floor) for this frame."""
+        cfg = self.config
+        return cfg.filter_pct, max(cfg.noise_floor, cfg.relative_floor * self.scale)
 
     def seed(self, x: torch.Tensor) -> None:
         n, c, h, w = x.shape
         self.shape = (n, c, h, w)
         self.dtype = x.dtype
+        self.scale = float(x.std()) if x.numel() > 1 else 0.0
         self._r: torch.Tensor | None = None  # allocated on first use: at 0% with nothing pending it is never needed
         self._m: torch.Tensor | None = None
         self.tile_id: torch.Tensor | None = None
@@ -120,14 +130,15 @@ class PixelFilter(_Stats):
         if d is None and not self.pending:
             self.candidates = self.forwarded = 0
             return None
-        if cfg.exact and not self.pending:
+        pct, floor = self._settings()
+        if pct <= 0.0 and floor <= 0.0 and not self.pending:
             if not isinstance(d, PixelDelta):
                 d = pixels_from_dense(d)
             self.granules = d.num_pixels
             self.candidates = self.forwarded = d.active
             return d if d.active else None
         if cfg.granularity == "pixel" and (kf := self._kernel()) is not None:
-            return self._kernel_select(kf, d)
+            return self._kernel_select(kf, d, pct, floor)
         self._kf = None  # the torch paths below change r and m behind the kernel's candidate list
         if d is not None:
             if not isinstance(d, PixelDelta):
@@ -138,24 +149,23 @@ class PixelFilter(_Stats):
         cand = self.m.nonzero().squeeze(1)
         gran = cfg.granularity
         if gran == "element":
-            out = self._select_elements(cand)
+            out = self._select_elements(cand, pct, floor)
         elif gran == "tile":
-            out = self._select_tiles(cand)
+            out = self._select_tiles(cand, pct, floor)
         else:
             self.granules = self.m.numel()
-            keep = select_forward(self.m.index_select(0, cand), cfg.filter_pct, cfg.noise_floor)
+            keep = select_forward(self.m.index_select(0, cand), pct, floor)
             fwd = cand[keep]
             self.candidates, self.forwarded = int(cand.numel()), int(fwd.numel())
             out = self._emit(fwd)
         return out
 
-    def _kernel_select(self, kf: Any, d: Delta) -> PixelDelta | None:
-        cfg = self.config
+    def _kernel_select(self, kf: Any, d: Delta, pct: float, floor: float) -> PixelDelta | None:
         if d is None:
             d = PixelDelta.empty(self.shape, self.r.dtype)
         elif not isinstance(d, PixelDelta):
             d = pixels_from_dense(d)
-        out = kf(d, cfg.filter_pct, cfg.noise_floor)
+        out = kf(d, pct, floor)
         remaining = kernels_bridge.pending_candidates(kf)
         self.granules = self.m.numel()
         self.forwarded = out.active
@@ -173,13 +183,12 @@ class PixelFilter(_Stats):
         self.m.index_fill_(0, fwd, 0.0)
         return PixelDelta(fwd, vals, self.shape)
 
-    def _select_tiles(self, cand: torch.Tensor) -> PixelDelta | None:
-        cfg = self.config
+    def _select_tiles(self, cand: torch.Tensor, pct: float, floor: float) -> PixelDelta | None:
         tid = self._tiles().index_select(0, cand)
         tmag = torch.zeros(self.num_tiles, dtype=self.m.dtype)
         tmag.scatter_reduce_(0, tid, self.m.index_select(0, cand), "amax", include_self=True)
         tiles = tmag.nonzero().squeeze(1)
-        keep = select_forward(tmag.index_select(0, tiles), cfg.filter_pct, cfg.noise_floor)
+        keep = select_forward(tmag.index_select(0, tiles), pct, floor)
         keep_tile = torch.zeros(self.num_tiles, dtype=torch.bool)
         keep_tile[tiles[keep]] = True
         fwd = cand[keep_tile.index_select(0, tid)]
@@ -189,12 +198,11 @@ class PixelFilter(_Stats):
         self.pending = bool(self.m.any()) if self.forwarded < self.candidates else False
         return out
 
-    def _select_elements(self, cand: torch.Tensor) -> PixelDelta | None:
-        cfg = self.config
+    def _select_elements(self, cand: torch.Tensor, pct: float, floor: float) -> PixelDelta | None:
         rows = self.r.index_select(0, cand)
         mag = rows.abs()
         nz = mag > 0
-        keep_nz = select_forward(mag[nz], cfg.filter_pct, cfg.noise_floor)
+        keep_nz = select_forward(mag[nz], pct, floor)
         keep = torch.zeros_like(nz)
         keep[nz] = keep_nz
         self.granules = self.r.numel()

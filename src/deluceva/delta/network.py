@@ -7,6 +7,9 @@ Run: the first call, the first call after reset()/refresh() and any input shape/
 seeds its state from full values (`Unit.seed`). Other calls form Δx = x - x_applied and run only the varying units'
 delta forms in order (`Unit.__call__`), skipping units whose inputs all have a zero delta; outputs are kept as full
 tensors and updated by their deltas.
+Input: Δx is taken against the input applied so far; with `config.input_floor` > 0 pixels whose accumulated change is
+below the floor wait (delta.inputs). Per-unit modes (`set_unit_modes`): "delta", "dense" (the unit's dense form, e.g.
+F.conv2d of the densified delta, still emitting a delta) or "auto" (dense above the unit's break-even fraction).
 """
 
 from __future__ import annotations
@@ -17,9 +20,18 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from deluceva.delta.base import Delta, FilterConfig, Unit, active_fraction, pixels_from_dense, to_dense, wrap
+from deluceva.delta.base import (
+    UNIT_MODES,
+    Delta,
+    FilterConfig,
+    Unit,
+    active_fraction,
+    pixels_from_dense,
+    to_dense,
+)
 from deluceva.delta.dense import RecomputeUnit, Replace, StaticUnit
 from deluceva.delta.filter import DenseFilter, PixelFilter, make_filter
+from deluceva.delta.inputs import input_delta
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, lookup
 from deluceva.errors import ModelError
@@ -32,13 +44,14 @@ class Step:
     node: the unit's (first) graph node; a fused unit's output is the value of its last fused node.
     """
 
-    __slots__ = ("unit", "ins", "out", "filters", "node", "ms", "last_in")
+    __slots__ = ("unit", "ins", "out", "filters", "node", "ms", "last_in", "ran")
 
     def __init__(self, unit: Unit, ins: list[int], out: int, node: fx.Node) -> None:
         self.unit, self.ins, self.out, self.node = unit, ins, out, node
         self.filters: list[PixelFilter | DenseFilter | None] = []
         self.ms = 0.0
         self.last_in: list[Delta] = []
+        self.ran = "dense"  # which form ran last frame: "dense" | "delta"
 
 
 class _Output:
@@ -90,6 +103,20 @@ def _copy(v: Any) -> Any:
     if isinstance(v, tuple | list):
         return type(v)(_copy(x) for x in v)
     return v
+
+
+def _wants_dense(unit: Unit, ins: list[Delta]) -> bool:
+    """Whether `unit` runs its dense form on these (filtered) inputs: by its mode, and in "auto" by break-even."""
+    mode = unit.mode
+    if mode != "auto":
+        return mode == "dense"
+    frac = 0.0
+    for d in ins:
+        if isinstance(d, PixelDelta):
+            frac = max(frac, d.index.shape[0] / d.num_pixels)
+        elif d is not None:
+            return True
+    return frac > unit.break_even
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
@@ -144,6 +171,29 @@ class DeltaNetwork(nn.Module):
     def noise_floor(self, value: float) -> None:
         self.config.noise_floor = float(value)
 
+    @property
+    def unit_names(self) -> list[str]:
+        """Names of the varying units in execution order (the names in `last_stats`)."""
+        return [s.unit.name for s in self.delta_steps]
+
+    def unit_modes(self) -> dict[str, str]:
+        """Current mode of every varying unit ("delta" | "dense" | "auto")."""
+        return {s.unit.name: s.unit.mode for s in self.delta_steps}
+
+    def set_unit_modes(self, modes: dict[str, str]) -> None:
+        """Set units' execution modes by name: "delta" (sparse form), "dense" (dense form, still emitting a delta),
+        "auto" (dense when the incoming active fraction exceeds the unit's break-even). Units not named keep their
+        mode. Switchable between frames; state and exactness are kept. Raises ValueError on unknown names/modes."""
+        by_name = {s.unit.name: s.unit for s in self.delta_steps}
+        bad = [n for n in modes if n not in by_name]
+        if bad:
+            raise ValueError(f"unknown unit(s) {bad[:5]}; see DeltaNetwork.unit_names")
+        wrong = {n: m for n, m in modes.items() if m not in UNIT_MODES}
+        if wrong:
+            raise ValueError(f"unit modes must be one of {UNIT_MODES}, got {wrong}")
+        for n, m in modes.items():
+            by_name[n].mode = m
+
     # ---------------------------------------------------------------- build
     def _build(self) -> None:
         gm = self.gm
@@ -190,6 +240,7 @@ class DeltaNetwork(nn.Module):
                 self.steps.append(step)
         self.slot_of = slot
         self.n_slots = len(slot)
+
         self.delta_steps = [s for s in self.steps if not isinstance(s.unit, StaticUnit)]
         self.out_nodes = self.output_node.all_input_nodes
 
@@ -244,6 +295,7 @@ class DeltaNetwork(nn.Module):
                         f.seed(full[n])
             step.ms = (perf() - t0) * 1e3
             step.last_in = []
+            step.ran = "dense"
             for f in getattr(step.unit, "fused", []):
                 full[f] = out
         self._x = x.detach().clone()
@@ -253,8 +305,11 @@ class DeltaNetwork(nn.Module):
         return self._result()
 
     def _run_delta(self, x: torch.Tensor) -> Any:
-        dx = wrap(x - self._x) if x.dim() == 4 else x - self._x
-        self._x = x.detach().clone()
+        if x.dim() == 4 and x.is_floating_point() and x.is_contiguous():
+            dx = input_delta(x, self._x, self.config.input_floor)  # self._x: the input applied so far
+        else:
+            dx = x - self._x
+            self._x = x.detach().clone()
         env: list[Delta] = [None] * self.n_slots
         env[0] = dx
         perf = time.perf_counter
@@ -264,11 +319,17 @@ class DeltaNetwork(nn.Module):
             step.last_in = ins
             if step.filters:
                 ins = [d if f is None else f(d) for f, d in zip(step.filters, ins, strict=True)]
+            unit = step.unit
             if all(d is None for d in ins):
-                step.unit.macs = 0
+                unit.macs = 0
                 env[step.out] = None
+                step.ran = "delta"
+            elif unit.has_dense and _wants_dense(unit, ins):
+                env[step.out] = unit.dense_call(*ins)
+                step.ran = "dense"
             else:
-                env[step.out] = step.unit(*ins)
+                env[step.out] = unit(*ins)
+                step.ran = "delta"
             step.ms = (perf() - t0) * 1e3
         self._env = env
         for n in self.out_nodes:
@@ -301,6 +362,7 @@ class DeltaNetwork(nn.Module):
                 "name": u.name,
                 "kind": u.kind,
                 "dense": self.last_dense,
+                "mode": s.ran,
                 "active_in": fin,
                 "active_out": fout,
                 "forwarded": None if filt is None or self.last_dense else filt.forwarded_fraction,

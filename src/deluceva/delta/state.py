@@ -58,6 +58,12 @@ class RowState:
         self.z.index_copy_(0, idx, new)
         return old.to(self.dtype), new.to(self.dtype)
 
+    def update_all(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z += d for every row (d: (N*H*W, C)); returns (z_old, z_new) in the working dtype."""
+        old = self.z.to(self.dtype, copy=True)
+        self.z.add_(d)
+        return old, self.z.to(self.dtype)
+
     def update_dense(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z += d (whole tensor); returns (z_old, z_new) in the working dtype."""
         old = self.z

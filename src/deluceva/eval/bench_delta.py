@@ -43,7 +43,7 @@ def _run(engine: Engine, frames) -> tuple[list[Detections], list[float], list[st
 
 
 def _unit_breakdown(units: list[list[dict]]) -> list[dict]:
-    """Mean time and active fraction per unit over the delta frames."""
+    """Mean time, active fraction and share of frames run in the unit's dense form, per unit, over the delta frames."""
     per: dict[str, dict] = {}
     for frame_units in units:
         for u in frame_units:
@@ -51,7 +51,7 @@ def _unit_breakdown(units: list[list[dict]]) -> list[dict]:
                                                      "active_in": [], "dense": []})
             p["ms"].append(u.get("ms", 0.0))
             p["active_in"].append(u.get("active_in", float("nan")))
-            p["dense"].append(bool(u.get("dense", False)))
+            p["dense"].append(u.get("mode", "dense" if u.get("dense") else "delta") == "dense")
     return [{"name": p["name"], "kind": p["kind"], "ms": statistics.fmean(p["ms"]),
              "active_in": float(np.nanmean(p["active_in"])), "dense_share": statistics.fmean(p["dense"])}
             for p in per.values()]

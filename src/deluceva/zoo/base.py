@@ -134,6 +134,7 @@ class Detector:
     license: str = ""
     conf_threshold: float = 0.25
     iou_threshold: float = 0.45
+    input_scale: float = 1.0 / 255.0  # network input units per grey level (0..1 inputs: 1/255; 0..255 inputs: 1)
 
     def input_hw(self, imgsz: str | int | tuple[int, int] | None, source_hw: tuple[int, int]) -> tuple[int, int]:
         hw = parse_imgsz(imgsz, self.native_hw)

@@ -60,6 +60,7 @@ class YoloxDetector(Detector):
     family = "yolox"
     conf_threshold = 0.3
     iou_threshold = 0.45
+    input_scale = 1.0  # 0..255 float inputs
 
     def __init__(self, network: torch.nn.Module, class_names: list[str], native_hw: tuple[int, int], name: str):
         self.network = network

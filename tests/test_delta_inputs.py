@@ -1,0 +1,41 @@
+"""The network input's noise floor (delta.inputs.input_delta) on real decoded video: exact at floor 0, holds codec
+noise back above 0, and never drops anything (the held-back part is exactly x - x_applied)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from deluceva.delta.inputs import input_delta
+from deluceva.video import open_source
+from deluceva.zoo.registry import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _frames(n: int) -> list[torch.Tensor]:
+    det = load_model("yolov5n")
+    with open_source(str(ROOT / "assets/video/vtest_pets09_s2l1.avi"), max_frames=n) as src:
+        hw = det.input_hw("384x224", src.source_hw)
+        return [det.preprocess(f.rgb, hw)[0] for f in src]
+
+
+def test_floor_zero_is_exact_and_floor_holds_back_codec_noise() -> None:
+    xs = _frames(12)
+    exact, floored = xs[0].clone(), xs[0].clone()
+    total_exact = total_floored = 0
+    for x in xs[1:]:
+        d0 = input_delta(x, exact, 0.0)
+        assert torch.equal(exact, x)  # everything applied at floor 0
+        assert d0 is not None
+        total_exact += d0.active
+        before = floored.clone()
+        d = input_delta(x, floored, 3 / 255)
+        total_floored += 0 if d is None else d.active
+        if d is not None:  # forwarded pixels: applied fully; their delta is exactly the accumulated change
+            rows = (x - before).permute(0, 2, 3, 1).reshape(-1, 3).index_select(0, d.index)
+            assert torch.equal(d.values, rows)
+        held = (x - floored).abs().amax(1)
+        assert float(held.max()) <= 3 / 255 + 1e-7  # what is held back is below the floor
+    assert total_floored < 0.5 * total_exact  # codec noise (1-2 grey levels) is held back
