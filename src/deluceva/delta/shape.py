@@ -301,7 +301,7 @@ def _spatial_slices(idx: Any) -> tuple[slice, slice] | None:
     return idx[2], idx[3]
 
 
-class ChannelShuffleChainUnit(Unit):
+class ChannelShuffleChainUnit(ChannelSelectUnit):
     """view(N, g, C/g, H, W) -> transpose(1, 2) -> [contiguous] -> view(N, C, H, W): a channel permutation.
 
     The chain's nodes are fused into this unit; the permutation is found at seed by running the chain on a map whose
@@ -311,7 +311,7 @@ class ChannelShuffleChainUnit(Unit):
     kind = "channel_shuffle"
 
     def __init__(self, node: fx.Node, var_nodes: list[fx.Node], chain: list[fx.Node]) -> None:
-        super().__init__(node, var_nodes)
+        Unit.__init__(self, node, var_nodes)
         self.fused = chain
 
     def _run_chain(self, x: torch.Tensor, env: Env) -> torch.Tensor:
@@ -331,12 +331,6 @@ class ChannelShuffleChainUnit(Unit):
         self.cols = self._run_chain(probe, env)[0, :, 0, 0].round().long()
         self.out_shape = tuple(out.shape)
         return out
-
-    def __call__(self, d: Delta) -> Delta:
-        d = to_pixels(d)
-        if d is None:
-            return None
-        return PixelDelta(d.index, d.values.index_select(1, self.cols), self.out_shape)  # type: ignore[arg-type]
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:

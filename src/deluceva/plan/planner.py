@@ -7,7 +7,6 @@ Search: start from each unit's cheaper mode, then flip single units while that l
 
 from __future__ import annotations
 
-import json
 import weakref
 from bisect import bisect_right
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 
 from deluceva.errors import DelucevaError
 from deluceva.plan.cost import CostModel
-from deluceva.plan.store import Profile, ProfileKey
+from deluceva.plan.store import Profile, ProfileKey, read_json, write_json
 
 PLAN_FORMAT = 1
 
@@ -60,19 +59,11 @@ class PlanSet:
         return cls(key, d["stamp"], bands)
 
     def save(self, path: Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1))
-        return path
+        return write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> PlanSet:
-        try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise DelucevaError(f"plan file not found: {path}") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DelucevaError(f"not a deluceva plan file: {path} ({e})") from None
+        return read_json(path, cls.from_json, "plan file")
 
 
 def _margin(model: CostModel, name: str, pct: float) -> float:

@@ -19,6 +19,26 @@ from deluceva.errors import DelucevaError
 FORMAT = 1
 
 
+def write_json(path: Path, obj: Any) -> Path:
+    """Write `obj` as JSON atomically (temp file + rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def read_json(path: Path, parse: Any, what: str) -> Any:
+    """`parse(json of path)`; a missing or malformed file -> DelucevaError naming `what` ("profile", "plan file")."""
+    try:
+        return parse(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise DelucevaError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DelucevaError(f"not a deluceva {what}: {path} ({e})") from None
+
+
 def cpu_model() -> str:
     """The CPU's model name (first `model name` line of /proc/cpuinfo; platform.processor() elsewhere)."""
     try:
@@ -131,17 +151,8 @@ class Profile:
                    d.get("frame_ms", {}), d.get("meta", {}))
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> Profile:
-        try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise DelucevaError(f"profile not found: {path}") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DelucevaError(f"not a deluceva profile: {path} ({e})") from None
+        return read_json(path, cls.from_json, "profile")
