@@ -119,6 +119,27 @@ def native_input_hw(source_hw: tuple[int, int]) -> tuple[int, int]:
     return tuple(int(-(-v // 32) * 32) for v in source_hw)  # type: ignore[return-value]
 
 
+def canvas_tensor(img: np.ndarray, input_hw: tuple[int, int], top: int, left: int, pad: int,
+                  divisor: float | None = None, bgr: bool = False) -> torch.Tensor:
+    """uint8 (h, w, 3) RGB image at (top, left) of a float32 (1, 3, H, W) canvas filled with `pad` grey levels,
+    channels reversed when `bgr`, divided by `divisor` when given. Bit-identical to building the uint8 canvas and
+    converting it (`torch.from_numpy(canvas).permute(2, 0, 1)[None].float() / divisor`), without its copies."""
+    H, W = input_hw
+    h, w = img.shape[:2]
+    x = torch.empty(1, 3, H, W)
+    x[..., :top, :] = pad
+    x[..., top + h:, :] = pad
+    x[..., top:top + h, :left] = pad
+    x[..., top:top + h, left + w:] = pad
+    inner = x[0, :, top:top + h, left:left + w]
+    planes = cv2.split(img)
+    for c, plane in enumerate(planes[::-1] if bgr else planes):
+        inner[c].copy_(torch.from_numpy(plane))
+    if divisor is not None:
+        x.div_(divisor)
+    return x
+
+
 class Detector:
     """A zoo or user detector. Subclasses (one per family) implement pre- and post-processing.
 

@@ -20,7 +20,7 @@ import torch
 from onnx import numpy_helper
 
 from deluceva.errors import ModelError
-from deluceva.zoo.base import Detections, Detector, Geometry
+from deluceva.zoo.base import Detections, Detector, Geometry, canvas_tensor
 from deluceva.zoo.onnx_family import class_names, grid_xy, select_detections, static_input_hw
 from deluceva.zoo.onnx_import import import_onnx
 from deluceva.zoo.onnx_load import load_onnx
@@ -34,20 +34,25 @@ DEFAULT_ANCHORS = np.array(
 )
 
 
-def yolov5_letterbox(rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
-    """uint8 (h, w, 3) RGB -> uint8 (H, W, 3) RGB letterboxed (centred, pad 114) and its geometry."""
+def yolov5_fit(rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
+    """uint8 (h, w, 3) RGB -> the resized uint8 RGB image and the geometry of its centred letterbox."""
     h, w = rgb.shape[:2]
     H, W = input_hw
     r = min(H / h, W / w)
     nw, nh = round(w * r), round(h * r)
-    dw, dh = (W - nw) / 2, (H - nh) / 2
     img = rgb if (nw, nh) == (w, h) else cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    top, bottom = round(dh - 0.1), round(dh + 0.1)
-    left, right = round(dw - 0.1), round(dw + 0.1)
-    out = cv2.copyMakeBorder(
-        np.ascontiguousarray(img), top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3
-    )
-    return out, Geometry((h, w), (H, W), (nw / w, nh / h), (float(left), float(top)))
+    top, left = round((H - nh) / 2 - 0.1), round((W - nw) / 2 - 0.1)
+    return np.ascontiguousarray(img), Geometry((h, w), (H, W), (nw / w, nh / h), (float(left), float(top)))
+
+
+def yolov5_letterbox(rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
+    """uint8 (h, w, 3) RGB -> uint8 (H, W, 3) RGB letterboxed (centred, pad 114) and its geometry."""
+    img, geo = yolov5_fit(rgb, input_hw)
+    (H, W), (nh, nw) = input_hw, img.shape[:2]
+    left, top = int(geo.pad_xy[0]), int(geo.pad_xy[1])
+    out = cv2.copyMakeBorder(img, top, H - nh - top, left, W - nw - left, cv2.BORDER_CONSTANT,
+                             value=(PAD_VALUE,) * 3)
+    return out, geo
 
 
 def onnx_anchors(model: onnx.ModelProto, num_levels: int, num_anchors: int | None = None) -> np.ndarray | None:
@@ -120,9 +125,8 @@ class Yolov5Detector(Detector):
         self.anchors = anchors  # (levels, A, 2) pixels, in the order of the network's outputs
 
     def preprocess(self, rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
-        img, geo = yolov5_letterbox(rgb, input_hw)
-        x = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0).float().div_(255.0).contiguous()
-        return x, geo
+        img, geo = yolov5_fit(rgb, input_hw)
+        return canvas_tensor(img, input_hw, int(geo.pad_xy[1]), int(geo.pad_xy[0]), PAD_VALUE, 255.0), geo
 
     def decode(self, outputs: tuple[torch.Tensor, ...], input_hw: tuple[int, int]) -> np.ndarray:
         """Head maps -> decoded rows (N, 5+C), as the full ONNX model outputs them."""

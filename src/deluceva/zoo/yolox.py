@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from deluceva.errors import ModelError
-from deluceva.zoo.base import Detections, Detector, Geometry
+from deluceva.zoo.base import Detections, Detector, Geometry, canvas_tensor
 from deluceva.zoo.onnx_family import class_names, grid_xy, select_detections, static_input_hw
 from deluceva.zoo.onnx_import import import_onnx
 from deluceva.zoo.onnx_load import load_onnx
@@ -26,15 +26,23 @@ NATIVE_HW = (416, 416)
 PAD_VALUE = 114
 
 
-def yolox_letterbox(rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
-    """uint8 (h, w, 3) RGB -> uint8 (H, W, 3) BGR canvas (image at the top left) and its geometry."""
+def yolox_fit(rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
+    """uint8 (h, w, 3) RGB -> the resized uint8 RGB image (it goes at the top left) and its geometry. Resizing acts on
+    each channel alone, so resizing RGB and then reversing the channels equals upstream's BGR resize."""
     h, w = rgb.shape[:2]
     H, W = input_hw
     r = min(H / h, W / w)
     nw, nh = int(w * r), int(h * r)
-    canvas = np.full((H, W, 3), PAD_VALUE, np.uint8)
-    canvas[:nh, :nw] = cv2.resize(np.ascontiguousarray(rgb[..., ::-1]), (nw, nh), interpolation=cv2.INTER_LINEAR)
-    return canvas, Geometry((h, w), (H, W), (nw / w, nh / h), (0.0, 0.0))
+    img = cv2.resize(np.ascontiguousarray(rgb), (nw, nh), interpolation=cv2.INTER_LINEAR)
+    return img, Geometry((h, w), (H, W), (nw / w, nh / h), (0.0, 0.0))
+
+
+def yolox_letterbox(rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
+    """uint8 (h, w, 3) RGB -> uint8 (H, W, 3) BGR canvas (image at the top left) and its geometry."""
+    img, geo = yolox_fit(rgb, input_hw)
+    canvas = np.full((*input_hw, 3), PAD_VALUE, np.uint8)
+    canvas[: img.shape[0], : img.shape[1]] = img[..., ::-1]
+    return canvas, geo
 
 
 def yolox_rows(outputs: tuple[torch.Tensor, ...]) -> np.ndarray:
@@ -69,9 +77,8 @@ class YoloxDetector(Detector):
         self.name = name
 
     def preprocess(self, rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
-        canvas, geo = yolox_letterbox(rgb, input_hw)
-        x = torch.from_numpy(canvas).permute(2, 0, 1).unsqueeze(0).float().contiguous()
-        return x, geo
+        img, geo = yolox_fit(rgb, input_hw)
+        return canvas_tensor(img, input_hw, 0, 0, PAD_VALUE, bgr=True), geo
 
     def detections_from_rows(
         self, rows: np.ndarray, level_hw: list[tuple[int, int]], geometry: Geometry, conf: float | None = None
