@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from deluceva.delta.inputs import input_delta
@@ -39,3 +40,25 @@ def test_floor_zero_is_exact_and_floor_holds_back_codec_noise() -> None:
         held = (x - floored).abs().amax(1)
         assert float(held.max()) <= 3 / 255 + 1e-7  # what is held back is below the floor
     assert total_floored < 0.5 * total_exact  # codec noise (1-2 grey levels) is held back
+
+
+def test_fused_kernel_matches_torch_path(monkeypatch) -> None:
+    from deluceva.delta import inputs
+
+    if not inputs.HAVE_NUMBA:
+        pytest.skip("numba is not installed: only the torch path exists")
+    xs = _frames(6)
+    batch = [torch.cat([a, b]) for a, b in zip(xs[:-1], xs[1:], strict=True)]  # N = 2 as well
+    for seq in (xs, batch):
+        for floor in (0.0, 3 / 255):
+            fused, plain = seq[0].clone(), seq[0].clone()
+            for x in seq[1:]:
+                a = inputs.input_delta(x, fused, floor)
+                monkeypatch.setattr(inputs, "HAVE_NUMBA", False)
+                b = inputs.input_delta(x, plain, floor)
+                monkeypatch.setattr(inputs, "HAVE_NUMBA", True)
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert torch.equal(a.index, b.index) and torch.equal(a.values, b.values)
+                    assert a.values.is_contiguous() and a.shape == b.shape
+                assert torch.equal(fused, plain)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from deluceva.convert import convert
+from deluceva.eval.metrics import box_iou
 from deluceva.video import open_source
 from deluceva.zoo.registry import ZOO, load_model
 
@@ -20,10 +21,11 @@ VIDEOS = ["one-by-one-person-detection.mp4", "car-detection.mp4", "vtest_pets09_
 SIZES = ["native", "768x448"]
 FRAMES = 300
 REL_TOL = 1e-4
-# Where the float32 dense network itself is further than REL_TOL / FLOAT_FACTOR from a float64 run of the same
-# network on a frame (YOLOX-Nano at 768x448 reaches ~1e-4), the delta output may differ from it by FLOAT_FACTOR times
-# that rounding: the delta state carries the float32 rounding of its dense seed frame as well as the current frame's.
-FLOAT_FACTOR = 3.0
+# At 0% filtering the delta network seeds its float64 state from a float64 pass, so its output tracks the float64
+# network; where the float32 dense reference itself is further than REL_TOL from a float64 run on a frame, the delta
+# output may differ from the float32 reference by up to FLOAT_FACTOR times that rounding (it never did in our runs:
+# YOLOX-Nano at 768x448, the closest case, stays below 1e-4).
+FLOAT_FACTOR = 1.5
 
 
 @cache
@@ -37,30 +39,51 @@ def _rel_err(ref, got) -> float:
     return max(float((r - g).abs().max()) / max(float(r.abs().max()), 1e-6) for r, g in zip(ref, got, strict=True))
 
 
-def _boxes_equal(a, b) -> bool:
+# Two overlapping candidates of one object can have scores within ~1e-5 of each other; then a 1e-5 difference in the
+# output picks the other one in NMS (seen once in 1800 YOLOX-Nano frames: same class and score, box 0.8 px away).
+# Such NMS ties are allowed on at most MAX_TIES frames per run; everything else must be identical.
+MAX_TIES = 3
+TIE_IOU = 0.9
+
+
+def _pair(a, b) -> np.ndarray:
+    """Index into b of each detection of a: one to one, same class, nearest box first (two objects with scores equal
+    to 1e-7 may come out in either order)."""
+    dist = np.abs(a.boxes[:, None, :] - b.boxes[None, :, :]).max(2)
+    dist[a.class_ids[:, None] != b.class_ids[None, :]] = np.inf
+    order = np.full(len(a), -1)
+    for i, j in sorted(np.ndindex(*dist.shape), key=lambda ij: dist[ij]):
+        if order[i] < 0 and j not in order and np.isfinite(dist[i, j]):
+            order[i] = j
+    return order
+
+
+def _compare(a, b) -> str:
+    """'equal' (same detections: classes, scores within 1e-4, boxes within 0.05 px), 'tie' (the same, except that
+    some box moved to an overlapping neighbour with IoU >= TIE_IOU) or 'different'."""
     if len(a) != len(b):
-        return False
-    return bool(np.array_equal(a.class_ids, b.class_ids) and np.allclose(a.boxes, b.boxes, atol=0.05)
-                and np.allclose(a.scores, b.scores, atol=1e-4))
-
-
-YOLOX_ROUNDING = pytest.mark.xfail(
-    reason="YOLOX-Nano: on some frames the delta output differs from the float32 dense output by up to ~1.3e-4 of the "
-    "output scale, while the float32 dense network itself is ~1e-4 from a float64 run there; the delta state carries "
-    "the float32 rounding of its dense seed frame (fix: seed the state in float64)",
-    strict=False,
-)
+        return "different"
+    j = _pair(a, b)
+    if (j < 0).any():
+        return "different"
+    boxes, scores = b.boxes[j], b.scores[j]
+    if not np.allclose(a.scores, scores, atol=1e-4):
+        return "different"
+    if np.allclose(a.boxes, boxes, atol=0.05):
+        return "equal"
+    iou = np.diag(box_iou(a.boxes, boxes))
+    return "tie" if bool((iou >= TIE_IOU).all()) else "different"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("video", VIDEOS)
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("model", [pytest.param(m, marks=YOLOX_ROUNDING) if m == "yolox-nano" else m for m in ZOO])
+@pytest.mark.parametrize("model", list(ZOO))
 def test_delta_equals_dense_on_300_frames(model: str, size: str, video: str) -> None:
     det = _detector(model)
     net = None
     worst = 0.0
-    n = over = 0
+    n = over = ties = 0
     net64 = None
     with open_source(str(ROOT / "assets/video" / video), max_frames=FRAMES) as src, torch.inference_mode():
         hw = det.input_hw(None if size == "native" else size, src.source_hw)
@@ -79,7 +102,11 @@ def test_delta_equals_dense_on_300_frames(model: str, size: str, video: str) -> 
                     f"frame {frame.index}: relative error {err:.2e}; float32 dense vs float64 {rounding:.2e}")
                 over += 1
             worst = max(worst, err)
-            assert _boxes_equal(det.postprocess(dense, geo), det.postprocess(delta, geo)), f"frame {frame.index}"
+            verdict = _compare(det.postprocess(dense, geo), det.postprocess(delta, geo))
+            assert verdict != "different", f"frame {frame.index}: detections differ"
+            ties += verdict == "tie"
             n += 1
     assert n == FRAMES
-    print(f"{model} {size} {video}: worst relative error {worst:.2e} over {n} frames, {over} above {REL_TOL:g}")
+    assert ties <= MAX_TIES, f"{ties} frames with NMS ties"
+    print(f"{model} {size} {video}: worst relative error {worst:.2e} over {n} frames, {over} above {REL_TOL:g}, "
+          f"{ties} NMS ties")

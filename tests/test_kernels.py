@@ -26,6 +26,7 @@ from deluceva.delta.kernels import (
     upsample_nearest2x,
 )
 from deluceva.delta.kernels.elementwise import FLAT
+from deluceva.delta.kernels.merge import concat_at
 from deluceva.delta.kernels.opbench import active_pixels
 from deluceva.delta.pixels import PixelDelta
 
@@ -298,6 +299,14 @@ def check_add_concat(shape, fa, fb, cb, same, seed):
     assert torch.all(cat.index[1:] > cat.index[:-1])
     many = add(a, b, c if cb == shape[1] else a)
     torch.testing.assert_close(many.to_dense(), a.to_dense() + b.to_dense() + (c if cb == shape[1] else a).to_dense())
+    # the changing parts of a wider concat at their offsets (channels between them stay zero), an input twice
+    wide = (shape[0], 3 * shape[1] + cb + 2, shape[2], shape[3])
+    at = concat_at([a, c, b, a], [0, shape[1] + 1, shape[1] + cb + 2, 2 * shape[1] + cb + 2], wide)
+    ref = torch.zeros(wide)
+    for d, off in zip([a, c, b, a], [0, shape[1] + 1, shape[1] + cb + 2, 2 * shape[1] + cb + 2], strict=True):
+        ref[:, off : off + d.shape[1]] += d.to_dense()
+    assert torch.equal(at.to_dense(), ref) and at.shape == wide and at.values.is_contiguous()
+    assert torch.equal(at.index, torch.unique(torch.cat([a.index, b.index, c.index])))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

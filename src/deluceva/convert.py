@@ -54,11 +54,14 @@ def convert(
     granularity: "element" | "pixel" | "tile" (tile x tile pixels). noise_floor: granules with magnitude <= it are
     never forwarded. filter_all: filters in front of every unit input, not only conv / conv_transpose / linear.
     state_dtype: accumulation dtype of the units' full-value state (float64: no drift over hundreds of frames beyond
-    the float32 noise of the dense network; float32: less memory traffic). input_floor: changes of the network input
-    are held back until their accumulated magnitude exceeds it (input units; e.g. 3 grey levels * input scale, above
-    codec noise). relative_floor: every filter's noise floor is relative_floor * the std of its input at the last
-    dense frame (deep layers re-sparsify). Both are settable later on `net.config`. warmup: run one dense and one delta
-    frame on the example input (then reset), so that kernel compilation/loading does not land on the first frames.
+    the float32 noise of the dense network; float32: less memory traffic). With float64 state, a dense frame run
+    while exact (0% filtered, no floors) seeds the state from a float64 pass of the network, so the delta output
+    tracks the float64 network rather than carrying the seed frame's float32 rounding. input_floor: changes of the
+    network input are held back until their accumulated magnitude exceeds it (input units; e.g. 3 grey levels *
+    input scale, above codec noise). relative_floor: every filter's noise floor is relative_floor * the std of its
+    input at the last dense frame (deep layers re-sparsify). Both are settable later on `net.config`. warmup: run one
+    dense and one delta frame on the example input (then reset), so that kernel compilation/loading does not land on
+    the first frames.
     Raises ModelError (one line) when the module cannot be traced or the example input fails.
     """
     if granularity not in GRANULARITIES:

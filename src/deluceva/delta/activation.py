@@ -55,12 +55,24 @@ def _scalar_like(v: Any) -> bool:
     return not isinstance(v, torch.Tensor) or v.numel() == 1
 
 
+# Parameter-free activations -> the ATen function their Python wrapper calls (same kernel, no wrapper per call).
+_DIRECT: dict[Callable, Callable] = {
+    F.silu: torch._C._nn.silu, F.hardswish: torch._C._nn.hardswish, F.hardsigmoid: torch._C._nn.hardsigmoid,
+    F.mish: torch._C._nn.mish, torch.relu: torch.relu, torch.sigmoid: torch.sigmoid, torch.tanh: torch.tanh,
+}  # fmt: skip
+
+
 def elementwise_fn(node: fx.Node, src: fx.Node, env: Env) -> Callable[[torch.Tensor], torch.Tensor]:
     """f(z) = node's op with `src` replaced by z and every other argument frozen to its value in `env`."""
     from deluceva.delta.base import ArgTemplate
 
-    tmpl = ArgTemplate(node, [src], env)
     target = node.target
+    direct = _DIRECT.get(target)  # type: ignore[arg-type]
+    if direct is not None and node.args == (src,) and all(
+        k == "inplace" and v is False for k, v in node.kwargs.items()
+    ):
+        return direct
+    tmpl = ArgTemplate(node, [src], env)
 
     def f(z: torch.Tensor) -> torch.Tensor:
         args, kwargs = tmpl.fill((z,))

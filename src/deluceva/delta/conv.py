@@ -196,18 +196,21 @@ class ConvUnit(Unit):
         return self.f(z)
 
     def __call__(self, d: Delta) -> Delta:
-        d = to_pixels(d)
-        if d is None:
-            self.macs = 0
-            return None
-        self.macs = d.active * self.macs_per_pixel
+        if not isinstance(d, PixelDelta):
+            d = to_pixels(d)
+            if d is None:
+                self.macs = 0
+                return None
+        self.macs = d.index.shape[0] * self.macs_per_pixel
         dz = self.op(d)
-        if dz.active == 0:
+        idx = dz.index
+        if idx.shape[0] == 0:
             return None
         if self.act_node is None:
             return dz
-        z_old, z_new = self.state.update(dz.index, dz.values)
-        return emit(dz.index, self.f(z_new) - self.f(z_old), dz.shape, self.prune)
+        z_old, z_new = self.state.update(idx, dz.values)
+        f = self.f
+        return emit(idx, f(z_new) - f(z_old), dz.shape, self.prune)
 
     def dense_call(self, d: Delta) -> Delta:
         """Same Δy as `__call__`, computed as a dense conv of the densified delta."""

@@ -40,10 +40,27 @@ def select_forward(mags: torch.Tensor, pct: float, noise_floor: float) -> torch.
     return keep
 
 
+def holds_all(pct: float, n: int) -> bool:
+    """Whether `select_forward` at `pct` holds back every one of n candidates (by the percentage alone)."""
+    return int(round(min(100.0, max(0.0, pct)) / 100.0 * n)) >= n
+
+
 class _Stats:
     candidates = 0  # granules with a non-zero accumulated delta this frame
     forwarded = 0  # granules forwarded
     granules = 1  # granules in the tensor
+    pending = False
+    config: FilterConfig
+
+    def quiet(self) -> bool:
+        """Whether a call without new delta would forward nothing and change nothing: nothing pending, or the
+        percentage holds back every pending granule (the granules left after the last call)."""
+        return not self.pending or holds_all(self.config.filter_pct, self.candidates - self.forwarded)
+
+    def skip(self) -> None:
+        """Stand for a call without new delta when `quiet()`: the pending granules stay candidates, none forwarded."""
+        self.candidates = self.candidates - self.forwarded if self.pending else 0
+        self.forwarded = 0
 
     @property
     def held_back(self) -> float:
@@ -66,6 +83,7 @@ class PixelFilter(_Stats):
         self.config = config
         self.pending = False
         self.scale = 0.0
+        self._held_as = config.granularity  # the granularity of the last selection (what `candidates` counts)
 
     def _settings(self) -> tuple[float, float]:
         """(percentage held back, floor) for this frame."""
@@ -120,6 +138,23 @@ class PixelFilter(_Stats):
             self.num_tiles = n * th * tw
         return self.tile_id
 
+    def quiet(self) -> bool:
+        if not self.pending:
+            return True
+        if self.config.granularity != self._held_as:  # granules counted differently: run the filter
+            return False
+        if self._kf:  # the kernel forwards round((100 - pct)% of its candidates), rounding halves up
+            n = kernels_bridge.pending_candidates(self._kf)
+            keep = min(1.0, max(0.0, (100.0 - self.config.filter_pct) / 100.0))
+            return int(keep * n + 0.5) == 0
+        return super().quiet()
+
+    def skip(self) -> None:
+        if self.pending and self._kf:
+            self.candidates, self.forwarded = kernels_bridge.pending_candidates(self._kf), 0
+        else:
+            super().skip()
+
     def _kernel(self) -> Any:
         if self._kf is None:
             self._kf = kernels_bridge.pixel_filter(self.r, self.m, self.shape) or False
@@ -137,6 +172,7 @@ class PixelFilter(_Stats):
             self.granules = d.num_pixels
             self.candidates = self.forwarded = d.active
             return d if d.active else None
+        self._held_as = cfg.granularity
         if cfg.granularity == "pixel" and (kf := self._kernel()) is not None:
             return self._kernel_select(kf, d, pct, floor)
         self._kf = None  # the torch paths below change r and m behind the kernel's candidate list

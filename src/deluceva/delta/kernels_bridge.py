@@ -95,6 +95,19 @@ def concat(parts: list[PixelDelta]) -> PixelDelta | None:
         return None
 
 
+def concat_at(parts: list[PixelDelta], offsets: list[int], shape: tuple) -> PixelDelta | None:
+    """Kernel channel concat of the changing parts at their channel offsets of the output `shape`, or None."""
+    if not _on(parts[0].values.dtype):
+        return None
+    try:
+        from deluceva.delta.kernels.merge import HAVE_NUMBA
+        from deluceva.delta.kernels.merge import concat_at as kconcat_at
+
+        return kconcat_at(parts, offsets, tuple(shape)) if HAVE_NUMBA else None
+    except _ERRORS:
+        return None
+
+
 def max_pool2d(in_shape: tuple, kernel: Any, stride: Any, padding: Any, dilation: Any) -> Any | None:
     """Kernel sparse max-pool (`seed(x)`, `__call__(Δx)`) for one input shape, or None."""
     if not enabled:

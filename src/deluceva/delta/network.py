@@ -7,6 +7,10 @@ Run: the first call, the first call after reset()/refresh() and any input shape/
 seeds its state from full values (`Unit.seed`). Other calls form Δx = x - x_applied and run only the varying units'
 delta forms in order (`Unit.__call__`), skipping units whose inputs all have a zero delta; outputs are kept as full
 tensors and updated by their deltas.
+Idle frames: when nothing is forwarded at the input and no filter would forward anything (nothing pending, or the
+percentage holds back all it has), the frame skips the unit loop and returns the previous outputs (`last_changed`
+False, `last_skipped` True). Outputs are kept per graph output as accumulated rows plus an NCHW copy in the working
+dtype, rewritten only at the pixels a delta touches; every call returns fresh copies of them.
 Input: Δx is taken against the input applied so far; with `config.input_floor` > 0 pixels whose accumulated change is
 below the floor wait (delta.inputs). Per-unit modes (`set_unit_modes`): "delta", "dense" (the unit's dense form, e.g.
 F.conv2d of the densified delta, still emitting a delta) or "auto" (dense above the unit's break-even fraction).
@@ -14,6 +18,8 @@ F.conv2d of the densified delta, still emitting a delta) or "auto" (dense above 
 
 from __future__ import annotations
 
+import copy
+import sys
 import time
 from typing import Any
 
@@ -34,6 +40,7 @@ from deluceva.delta.filter import DenseFilter, PixelFilter, make_filter
 from deluceva.delta.inputs import input_delta
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, lookup
+from deluceva.delta.state import RowState
 from deluceva.errors import ModelError
 from deluceva.graph.passes import DENSE, VARYING
 
@@ -54,19 +61,41 @@ class Step:
         self.ran = "dense"  # which form ran last frame: "dense" | "delta"
 
 
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
 class _Output:
-    """Full value of one graph output, updated by its deltas (4-D tensors as channels-last rows, in place)."""
+    """Full value of one graph output, updated by its deltas.
+
+    4-D floating tensors: the accumulated value as channels-last rows (N*H*W, C) in the accumulation dtype (a
+    RowState), plus `mirror`, the value rounded to the working dtype as an NCHW tensor, rewritten only at the pixels a
+    delta touches (a frame costs O(changed pixels), not a full conversion of every output). `get` hands out a copy of
+    the mirror; once the caller has let go of it (no reference, view or array left, not modified: reference and
+    storage counts, version counter), that same tensor is kept up to date at the touched pixels and handed out again
+    instead of a new copy, so callers still always get a tensor nobody else holds.
+    """
 
     def __init__(self, value: Any, acc: torch.dtype) -> None:
         self.rows = isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point()
         if self.rows:
             self.dtype = value.dtype
             n, c, h, w = value.shape
-            rows = value.permute(0, 2, 3, 1).reshape(n * h * w, c)
-            self.value = rows.to(torch.promote_types(value.dtype, acc), copy=True)
             self.shape = (n, c, h, w)
+            self.state = RowState(value, torch.promote_types(value.dtype, acc))
+            z = self.state.z
+            self.mirror = z.view(n, h, w, c).permute(0, 3, 1, 2).to(
+                self.dtype, memory_format=torch.contiguous_format, copy=True
+            )
+            self._last: torch.Tensor | None = None  # the tensor handed out last (a normal tensor, not an inference one)
+            self._last_version = -1
         else:
             self.value = _copy(value)
+
+    def _reusable(self) -> bool:
+        """Whether nobody but us holds the last handed-out tensor (or a view or array of it) and it is unmodified."""
+        if self._last is None or _USE_COUNT is None or sys.getrefcount(self._last) > 2:
+            return False
+        return self._last._version == self._last_version and _USE_COUNT(self._last.untyped_storage()._cdata) <= 2
 
     def add(self, d: Delta) -> None:
         if d is None:
@@ -74,15 +103,32 @@ class _Output:
         if self.rows:
             if not isinstance(d, PixelDelta):
                 d = pixels_from_dense(d)
-            self.value.index_add_(0, d.index, d.values.to(self.value.dtype))
+            _, new = self.state.update(d.index, d.values)  # (A, C) in the working dtype
+            targets = [self.mirror]
+            if self._reusable():
+                targets.append(self._last)
+            else:
+                self._last = None
+            n, c, h, w = self.shape
+            for t in targets:
+                if n == 1:
+                    t.view(c, h * w).index_copy_(1, d.index, new.t())
+                else:
+                    b, p = d.index.div(h * w, rounding_mode="floor"), d.index.remainder(h * w)
+                    t.view(n, c, h * w)[b, :, p] = new
+            if self._last is not None:
+                self._last_version = self._last._version
         else:
             self.value = _add(self.value, d)
 
     def get(self) -> Any:
-        """A fresh copy (NCHW-contiguous for 4-D tensors), so callers may modify it."""
+        """A tensor nobody else holds (NCHW-contiguous for 4-D tensors), so callers may modify it."""
         if self.rows:
-            n, c, h, w = self.shape
-            return self.value.view(n, h, w, c).permute(0, 3, 1, 2).to(self.dtype, memory_format=torch.contiguous_format)
+            if not self._reusable():
+                with torch.inference_mode(False):  # a normal tensor: its version counter shows changes by the caller
+                    self._last = self.mirror.clone()
+                self._last_version = self._last._version
+            return self._last
         return _copy(self.value)
 
 
@@ -103,6 +149,47 @@ def _copy(v: Any) -> Any:
     if isinstance(v, tuple | list):
         return type(v)(_copy(x) for x in v)
     return v
+
+
+class _Float64Pass(fx.Interpreter):
+    """Runs a float64 copy of a graph module, recording every node's value."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        v = super().run_node(n)
+        self.values[n] = v
+        return v
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return _to_float64(super().get_attr(target, args, kwargs))
+
+
+def _to_float64(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.double()
+    if isinstance(v, tuple | list):
+        return type(v)(_to_float64(t) for t in v)
+    return v
+
+
+def reference_values(gm: fx.GraphModule, gm64: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, Any]:
+    """Every node's value (keyed by the nodes of `gm`) from a run of its float64 copy `gm64` on x."""
+    interp = _Float64Pass(gm64)
+    interp.run(x.double())
+    by_name = {n.name: v for n, v in interp.values.items()}
+    return {n: by_name[n.name] for n in gm.graph.nodes if n.name in by_name}
+
+
+def _like(ref: Any, ours: Any) -> Any:
+    """`ref` (float64 values) cast to the dtypes of `ours` (tensors, or tuples of them); non-tensors: ours."""
+    if isinstance(ours, torch.Tensor) and isinstance(ref, torch.Tensor) and ours.is_floating_point():
+        return ref.to(ours.dtype)
+    if isinstance(ours, tuple | list) and isinstance(ref, tuple | list) and len(ours) == len(ref):
+        return type(ours)(_like(r, o) for r, o in zip(ref, ours, strict=True))
+    return ours
 
 
 def _wants_dense(unit: Unit, ins: list[Delta]) -> bool:
@@ -130,7 +217,11 @@ class DeltaNetwork(nn.Module):
     """Stateful delta-converted network: `out = net(x)` with the full input, same output structure as the original.
 
     filter_pct: one target filtering percentage (0..100) for all filters, settable between frames.
-    last_stats: per-unit dicts of the last frame; last_dense: whether the last frame ran dense.
+    last_stats: per-unit dicts of the last frame; last_dense: whether the last frame ran dense; last_changed: False
+    when the last frame changed no output (no input change forwarded and no filter with anything to forward: every
+    unit was skipped and the outputs are the previous frame's, exactly). collect_timing: measure every unit's time
+    (`last_stats` "ms"; NaN when off). idle_shortcut: such frames skip the unit loop as a whole (off: every unit is
+    visited and skipped one by one, the same result; for measuring the cost of a skipped unit).
     """
 
     def __init__(self, gm: fx.GraphModule, config: FilterConfig, filter_all: bool = False) -> None:
@@ -138,6 +229,9 @@ class DeltaNetwork(nn.Module):
         self.gm = gm
         self.config = config
         self.filter_all = filter_all
+        self.collect_timing = True
+        self.idle_shortcut = True
+        self._gm64: fx.GraphModule | None = None  # float64 copy of gm for exact seeding, made on first use
         self._build()
         self.reset()
 
@@ -243,6 +337,9 @@ class DeltaNetwork(nn.Module):
 
         self.delta_steps = [s for s in self.steps if not isinstance(s.unit, StaticUnit)]
         self.out_nodes = self.output_node.all_input_nodes
+        self._filters = [f for s in self.delta_steps for f in s.filters if f is not None]
+        self._first_filters = [next((f for f in s.filters if f is not None), None) for s in self.delta_steps]
+        self._out_slots = [(n, self.slot_of[n]) for n in self.out_nodes if n.meta.get(VARYING)]
 
     def _add_filters(self, step: Step, ctx: BuildContext) -> None:
         unit = step.unit
@@ -265,7 +362,12 @@ class DeltaNetwork(nn.Module):
         self._outs: dict[fx.Node, _Output] = {}
         self._dense_next = True
         self.last_dense = True
+        self.last_changed = True
+        self._idle = False  # the last frame skipped every unit (see _run_idle)
+        self._idle_since = 0  # first frame of the current run of idle frames
         self._env: list[Delta] = []
+        self._frame = 0  # frames run since reset (keys the last_stats cache)
+        self._stats_cache: tuple[int, list[dict[str, Any]]] | None = None
 
     def refresh(self) -> None:
         """Make the next call run dense and re-seed every unit's state."""
@@ -274,20 +376,38 @@ class DeltaNetwork(nn.Module):
     # ---------------------------------------------------------------- run
     def forward(self, x: torch.Tensor) -> Any:
         with torch.inference_mode():
+            self._frame += 1
             if self._dense_next or self._x is None or x.shape != self._x.shape or x.dtype != self._x.dtype:
+                self._idle = False
+                self.last_changed = True
                 return self._run_dense(x)
             return self._run_delta(x)
 
     def _result(self) -> Any:
         return fx.node.map_arg(self.output_node.args[0], lambda n: self._outs[n].get())
 
+    def _seeds_in_float64(self, x: torch.Tensor) -> bool:
+        """Exact runs (0% filtered) with float64 state seed from a float64 pass of the original network, so the state
+        does not carry the float32 rounding of the seed frame (YOLOX-Nano's float32 output is ~1e-4 off float64)."""
+        cfg = self.config
+        return cfg.exact and cfg.state_dtype == torch.float64 and x.dtype == torch.float32
+
     def _run_dense(self, x: torch.Tensor) -> Any:
+        ref = None
+        if self._seeds_in_float64(x):
+            if self._gm64 is None:
+                self._gm64 = copy.deepcopy(self.gm).double()
+            ref = reference_values(self.gm, self._gm64, x)
         full: dict[fx.Node, Any] = {self.input_node: x}
         get = full.__getitem__
         perf = time.perf_counter
         for step in self.steps:
             t0 = perf()
             out = step.unit.seed(get)
+            chain = getattr(step.unit, "fused", [])
+            if ref is not None:  # downstream units seed from the float64 values rounded once, not from ours
+                out_node = chain[-1] if chain else step.node
+                out = _like(ref[out_node], out)
             full[step.node] = out
             if step.filters:
                 for f, n in zip(step.filters, step.unit.var_nodes, strict=True):
@@ -296,7 +416,7 @@ class DeltaNetwork(nn.Module):
             step.ms = (perf() - t0) * 1e3
             step.last_in = []
             step.ran = "dense"
-            for f in getattr(step.unit, "fused", []):
+            for f in chain:
                 full[f] = out
         self._x = x.detach().clone()
         self._outs = {n: _Output(full[n], self.config.state_dtype) for n in self.out_nodes}
@@ -310,35 +430,83 @@ class DeltaNetwork(nn.Module):
         else:
             dx = x - self._x
             self._x = x.detach().clone()
+            if not isinstance(dx, torch.Tensor) or not bool(dx.any()):
+                dx = None
+        self.last_dense = False
+        if dx is None and self.idle_shortcut and self._quiet():
+            return self._run_idle()
+        self._idle = False
         env: list[Delta] = [None] * self.n_slots
         env[0] = dx
+        timing = self.collect_timing
         perf = time.perf_counter
+        t0 = 0.0
         for step in self.delta_steps:
-            t0 = perf()
+            if timing:
+                t0 = perf()
             ins = [env[i] for i in step.ins]
             step.last_in = ins
-            if step.filters:
-                ins = [d if f is None else f(d) for f, d in zip(step.filters, ins, strict=True)]
+            filters = step.filters
+            if filters:
+                ins = [d if f is None else f(d) for f, d in zip(filters, ins, strict=True)]
             unit = step.unit
-            if all(d is None for d in ins):
+            for d in ins:
+                if d is not None:
+                    break
+            else:  # every input unchanged: skip the unit
                 unit.macs = 0
                 env[step.out] = None
                 step.ran = "delta"
-            elif unit.has_dense and _wants_dense(unit, ins):
+                if timing:
+                    step.ms = (perf() - t0) * 1e3
+                continue
+            mode = unit.mode
+            if unit.has_dense and mode != "delta" and (mode == "dense" or _wants_dense(unit, ins)):
                 env[step.out] = unit.dense_call(*ins)
                 step.ran = "dense"
             else:
                 env[step.out] = unit(*ins)
                 step.ran = "delta"
-            step.ms = (perf() - t0) * 1e3
+            if timing:
+                step.ms = (perf() - t0) * 1e3
         self._env = env
-        for n in self.out_nodes:
-            if n.meta.get(VARYING):
-                self._outs[n].add(env[self.slot_of[n]])
-        self.last_dense = False
+        outs, changed = self._outs, False
+        for n, slot in self._out_slots:
+            d = env[slot]
+            if d is not None:
+                changed = True
+                outs[n].add(d)
+        self.last_changed = changed
+        return self._result()
+
+    def _quiet(self) -> bool:
+        """Whether no filter would forward anything without new input (nothing pending, or all of it held back)."""
+        for f in self._filters:
+            if f.pending and not f.quiet():
+                return False
+        return True
+
+    def _run_idle(self) -> Any:
+        """A frame with nothing to propagate: every unit is skipped, the outputs are the previous frame's."""
+        for f in self._filters:
+            f.skip()
+        if not self._idle:
+            self._idle_since = self._frame
+        self._idle = True
+        self.last_changed = False
         return self._result()
 
     # ---------------------------------------------------------------- statistics
+    @property
+    def frames_since_reset(self) -> int:
+        """Calls since construction or the last reset() (identifies the frame `last_*` describe)."""
+        return self._frame
+
+    @property
+    def last_skipped(self) -> bool:
+        """Whether the last frame skipped the unit loop as a whole (nothing to propagate; see `last_changed`)."""
+        return self._idle
+
     @property
     def units(self) -> list[Unit]:
         """The varying units in execution order."""
@@ -346,31 +514,44 @@ class DeltaNetwork(nn.Module):
 
     @property
     def last_stats(self) -> list[dict[str, Any]]:
-        """Per-unit statistics of the last frame (see module docs of deluceva.convert)."""
+        """Per-unit statistics of the last frame (see module docs of deluceva.convert). Built once per frame; frames
+        that skipped every unit in a row share their rows."""
+        cached = self._stats_cache
+        if cached is not None and (cached[0] == self._frame or (self._idle and cached[0] >= self._idle_since)):
+            return list(cached[1])
+        rows = self._stats_rows()
+        self._stats_cache = (self._frame, rows)
+        return list(rows)
+
+    def _stats_rows(self) -> list[dict[str, Any]]:
         rows = []
-        for s in self.delta_steps:
+        dense, idle, timing, env = self.last_dense, self._idle, self.collect_timing, self._env
+        for s, filt in zip(self.delta_steps, self._first_filters, strict=True):
             u = s.unit
-            filt = next((f for f in s.filters if f is not None), None)
-            if self.last_dense:
+            if dense:
                 fin = fout = 1.0
                 macs = u.dense_macs
+            elif idle:
+                fin = fout = 0.0
+                macs = 0
             else:
-                fin = max((active_fraction(d) for d in s.last_in), default=0.0)
-                fout = active_fraction(self._env[s.out]) if self._env else 0.0
+                ins = s.last_in
+                fin = active_fraction(ins[0]) if len(ins) == 1 else max(map(active_fraction, ins), default=0.0)
+                fout = active_fraction(env[s.out]) if env else 0.0
                 macs = u.macs
             row = {
                 "name": u.name,
                 "kind": u.kind,
-                "dense": self.last_dense,
-                "mode": s.ran,
+                "dense": dense,
+                "mode": "delta" if idle else s.ran,
                 "active_in": fin,
                 "active_out": fout,
-                "forwarded": None if filt is None or self.last_dense else filt.forwarded_fraction,
-                "held_back": None if filt is None or self.last_dense else filt.held_back,
-                "candidates": None if filt is None or self.last_dense else filt.candidates,
+                "forwarded": None if filt is None or dense else filt.forwarded_fraction,
+                "held_back": None if filt is None or dense else filt.held_back,
+                "candidates": None if filt is None or dense else filt.candidates,
                 "macs": int(macs),
                 "dense_macs": int(u.dense_macs),
-                "ms": s.ms,
+                "ms": 0.0 if idle else s.ms if timing or dense else float("nan"),
             }
             rows.append(row)
         return rows

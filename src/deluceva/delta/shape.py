@@ -11,12 +11,14 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx
 
 from deluceva.delta import kernels_bridge
 from deluceva.delta.base import Delta, Env, Unit, call_target, to_pixels
+from deluceva.delta.kernels._jit import HAVE_NUMBA, jit
 from deluceva.delta.linop import LinearOpUnit
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, functions, methods, register
@@ -196,6 +198,9 @@ class ChannelCatUnit(Unit):
             vals = d.values.new_zeros(d.active, ctot)
             vals[:, off : off + c] = d.values
             return PixelDelta(d.index, vals, self.out_shape)  # type: ignore[arg-type]
+        fast = kernels_bridge.concat_at([d for d, _, _ in present], [off for _, off, _ in present], self.out_shape)
+        if fast is not None:
+            return fast
         idx, inv = torch.unique(torch.cat([d.index for d, _, _ in present]), sorted=True, return_inverse=True)
         vals = present[0][0].values.new_zeros(idx.numel(), ctot)
         start = 0
@@ -249,8 +254,34 @@ class ChannelSelectUnit(Unit):
         return PixelDelta(d.index, d.values.index_select(1, self.cols), self.out_shape)  # type: ignore[arg-type]
 
 
+@jit
+def _slice_nb(idx, vals, h, w, y0, sy, x0, sx, ho, wo):  # pragma: no cover - compiled
+    """Rows of (idx, vals) inside the slice, re-indexed into the (ho, wo) output (stays sorted); one pass."""
+    hw = h * w
+    oi = np.empty(idx.shape[0], np.int64)
+    ov = np.empty(vals.shape, vals.dtype)
+    k = 0
+    for i in range(idx.shape[0]):
+        p = idx[i]
+        b = p // hw
+        r = p - b * hw
+        y = r // w - y0
+        x = r - (r // w) * w - x0
+        if y < 0 or x < 0 or y % sy != 0 or x % sx != 0:
+            continue
+        oy = y // sy
+        ox = x // sx
+        if oy >= ho or ox >= wo:
+            continue
+        oi[k] = b * (ho * wo) + oy * wo + ox
+        ov[k] = vals[i]
+        k += 1
+    return oi[:k], ov[:k]
+
+
 class SpatialSliceUnit(Unit):
-    """x[..., y0:y1:sy, x0:x1:sx] of a 4-D tensor (e.g. a Focus / space-to-depth stem): index arithmetic."""
+    """x[..., y0:y1:sy, x0:x1:sx] of a 4-D tensor (e.g. a Focus / space-to-depth stem): index arithmetic (one fused
+    numba pass when available)."""
 
     kind = "slice"
 
@@ -271,6 +302,11 @@ class SpatialSliceUnit(Unit):
             return None
         (y0, _, sy), (x0, _, sx) = self.ys, self.xs  # stops: enforced by oy < ho, ox < wo
         _, _, ho, wo = self.out_shape
+        if HAVE_NUMBA and d.values.is_contiguous():
+            oi, ov = _slice_nb(d.index.numpy(), d.values.numpy(), self.h, self.w, y0, sy, x0, sx, ho, wo)
+            if oi.shape[0] == 0:
+                return None
+            return PixelDelta(torch.from_numpy(oi), torch.from_numpy(ov), self.out_shape)  # type: ignore[arg-type]
         hw = self.h * self.w
         b, r = d.index.div(hw, rounding_mode="floor"), d.index.remainder(hw)
         y, x = r.div(self.w, rounding_mode="floor") - y0, r.remainder(self.w) - x0

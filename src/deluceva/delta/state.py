@@ -8,15 +8,19 @@ ops otherwise.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 try:
     import numba
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def _update_nb(z, idx, d, old_out, new_out):  # pragma: no cover - compiled
-        c = z.shape[1]
-        for i in range(idx.shape[0]):
+    def _update_nb(z, idx, d):  # pragma: no cover - compiled
+        """z[idx] += d; returns (z_old, z_new) at idx in d's dtype (allocated here: no per-call torch buffers)."""
+        a, c = d.shape
+        old_out = np.empty((a, c), d.dtype)
+        new_out = np.empty((a, c), d.dtype)
+        for i in range(a):
             r = idx[i]
             for j in range(c):
                 o = z[r, j]
@@ -24,6 +28,7 @@ try:
                 z[r, j] = n
                 old_out[i, j] = o
                 new_out[i, j] = n
+        return old_out, new_out
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - numba is a dependency of the kernels, normally present
@@ -45,14 +50,13 @@ class RowState:
         else:
             self.z = x.to(acc, copy=True)
         self._nb = HAVE_NUMBA and self.rows and acc in _NB_DTYPES and x.dtype in _NB_DTYPES
+        self._z_np = self.z.numpy() if self._nb else None  # z is updated in place, never replaced, for rows
 
     def update(self, idx: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z[idx] += d (rows); returns (z_old, z_new) at idx in the working dtype."""
         if self._nb and d.dtype == self.dtype and d.is_contiguous() and idx.dtype == torch.int64:
-            old = torch.empty(d.shape, dtype=self.dtype)
-            new = torch.empty(d.shape, dtype=self.dtype)
-            _update_nb(self.z.numpy(), idx.numpy(), d.numpy(), old.numpy(), new.numpy())
-            return old, new
+            old, new = _update_nb(self._z_np, idx.numpy(), d.numpy())
+            return torch.from_numpy(old), torch.from_numpy(new)
         old = self.z.index_select(0, idx)
         new = old + d
         self.z.index_copy_(0, idx, new)

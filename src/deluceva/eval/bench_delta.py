@@ -5,6 +5,11 @@ the dense engine (ONNX Runtime by default) and through the delta engine at each 
 engine's per-frame time from decoded frame to detections (pre-processing, network, post-processing). Error is the
 weighted AP@0.5 of the delta detections against the dense detections of the same frames (DESIGN.md). The speed-up
 is measured in the same run, same threads, same frames.
+
+Per video it also measures the delta engine's fixed costs on the clip's first frame (`measure_overhead`): an empty
+frame (the same frame again: nothing to propagate) against a dense frame, decoded RGB to detections, and the
+framework overhead per unit: a frame in which one input pixel changed by half the input range, divided by the units
+that ran, and the cost of a unit visited and skipped (all inputs unchanged).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +29,7 @@ from rich.table import Table
 from deluceva.engine import Engine, EngineConfig
 from deluceva.eval.metrics import weighted_ap50
 from deluceva.video import open_source
-from deluceva.zoo.base import Detections
+from deluceva.zoo.base import Detections, Detector
 from deluceva.zoo.registry import load_model
 
 
@@ -57,20 +64,112 @@ def _unit_breakdown(units: list[list[dict]]) -> list[dict]:
             for p in per.values()]
 
 
+def _ms(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _ms2(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall ms, this thread's CPU ms) of one call: CPU time is robust to other processes on a shared machine."""
+    t0, c0 = time.perf_counter(), time.thread_time()
+    fn()
+    return (time.perf_counter() - t0) * 1e3, (time.thread_time() - c0) * 1e3
+
+
+def _ran(net) -> int:
+    """Units that ran in the network's last frame (an input delta after its filter)."""
+    return sum(1 for s in net.delta_steps if any(d is not None for d in s.last_in))
+
+
+def measure_overhead(det: Detector, imgsz: str | None, rgb: np.ndarray, threads: int, dense_engine: str,
+                     repeats: int = 15, small: int = 16) -> dict:
+    """Fixed costs of the delta engine on one decoded frame (medians over `repeats`, dense and delta interleaved).
+
+    empty_ms: Engine.infer of the same frame again (nothing changed: no unit runs, the previous detections are
+    reused) vs dense_ms: the dense engine's infer of the frame (wall clock; *_cpu_ms: the calling thread's CPU time,
+    which other processes do not inflate); preprocess_ms: the detector's pre-processing alone.
+    one_pixel_ms: the delta network on a frame where one input pixel changed by half the input range (alternately up
+    and back), units_ran of units_total ran: unit_overhead_us = one_pixel_ms / units_ran (includes their compute: the
+    change spreads with depth); small_unit_us: median time of the units that ran on <= `small` active pixels (mostly
+    overhead); skipped_unit_us: per unit, a frame that visits every unit and skips it minus one that skips the loop.
+    """
+    dense = Engine(det, EngineConfig(mode="dense", imgsz=imgsz, threads=threads, dense_engine=dense_engine))
+    delta = Engine(det, EngineConfig(mode="delta", imgsz=imgsz, threads=threads))
+    hw = dense.ensure_prepared(rgb.shape[:2])
+    delta.ensure_prepared(rgb.shape[:2])
+    dense.infer(rgb)
+    delta.infer(rgb)  # seeds the state
+    dense_ms, empty_ms, pre_ms, modes = [], [], [], set()
+    for _ in range(repeats):
+        dense_ms.append(_ms2(lambda: dense.infer(rgb)))
+        empty_ms.append(_ms2(lambda: modes.add(delta.infer(rgb)[1])))
+        pre_ms.append(_ms(lambda: det.preprocess(rgb, hw)))
+    net = delta.delta_network
+    idle = not net.last_changed
+    x, _ = det.preprocess(rgb, hw)
+    y = x.clone()
+    y[0, :, hw[0] // 2, hw[1] // 2] += 0.5 * 255.0 * float(getattr(det, "input_scale", 1 / 255))
+    steps = net.delta_steps
+    one_ms, ran, small_us = [], [], []
+    with torch.inference_mode():
+        net.reset()
+        net(x)
+        for i in range(2 * repeats):
+            one_ms.append(_ms(lambda i=i: net(y if i % 2 == 0 else x)))
+            ran.append(_ran(net))
+            small_us += [s.ms * 1e3 for s in steps if s.last_in and s.last_in[0] is not None
+                         and 0 < getattr(s.last_in[0], "active", small + 1) <= small]
+        net(x)
+        loop_ms, skip_ms = [], []
+        for _ in range(repeats):
+            net.idle_shortcut = False
+            loop_ms.append(_ms(lambda: net(x)))
+            net.idle_shortcut = True
+            skip_ms.append(_ms(lambda: net(x)))
+    one, n_ran = statistics.median(one_ms), statistics.median(ran)
+    (e_ms, e_cpu), (d_ms, d_cpu) = ([statistics.median(t[i] for t in v) for i in (0, 1)] for v in (empty_ms, dense_ms))
+    return {"repeats": repeats, "empty_ms": e_ms, "dense_ms": d_ms, "empty_ratio": e_ms / d_ms,
+            "empty_cpu_ms": e_cpu, "dense_cpu_ms": d_cpu, "empty_ratio_cpu": e_cpu / max(d_cpu, 1e-9),
+            "empty_idle": idle, "empty_modes": sorted(modes), "preprocess_ms": statistics.median(pre_ms),
+            "one_pixel_ms": one, "units_ran": n_ran, "units_total": len(steps),
+            "unit_overhead_us": one * 1e3 / max(1.0, n_ran),
+            "small_unit_us": statistics.median(small_us) if small_us else None, "small_pixels": small,
+            "skipped_unit_us": max(0.0, statistics.median(loop_ms) - statistics.median(skip_ms)) * 1e3
+            / max(1, len(steps))}
+
+
+def overhead_line(o: dict) -> str:
+    """One printed line for a `measure_overhead` result."""
+    small = f"{o['small_unit_us']:.0f}" if o["small_unit_us"] is not None else "-"
+    return (f"{o['model']} {o['imgsz']} {o['video']} {o['threads']} thr: empty frame {o['empty_ms']:.2f} ms vs dense "
+            f"{o['dense_ms']:.2f} ms = {o['empty_ratio']:.1%} (CPU time: {o['empty_cpu_ms']:.2f} vs "
+            f"{o['dense_cpu_ms']:.2f} ms = {o['empty_ratio_cpu']:.1%}; pre-processing {o['preprocess_ms']:.2f} ms); "
+            f"one-pixel frame {o['one_pixel_ms']:.1f} ms / {o['units_ran']:g} of {o['units_total']} units = "
+            f"{o['unit_overhead_us']:.0f} us/unit (units on <= {o['small_pixels']} pixels: median {small} us); "
+            f"skipped unit {o['skipped_unit_us']:.1f} us")
+
+
 def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frames: int, fps: float | None,
                         filters: list[float], threads: int, refresh_every: int | None, dense_engine: str,
-                        out: Path, console: Console, progress_factory) -> dict:
+                        out: Path, console: Console, progress_factory, overhead: bool = True) -> dict:
     torch.set_num_threads(threads)
     det = load_model(model)
     rows: list[dict] = []
+    overheads: list[dict] = []
     with progress_factory() as bar:
-        task = bar.add_task("delta benchmark", total=len(videos) * (1 + len(filters)), rate="")
+        task = bar.add_task("delta benchmark", total=len(videos) * (1 + len(filters) + overhead), rate="")
         for video in videos:
             clip = _decode(video, frames, fps)
             dense = Engine(det, EngineConfig(mode="dense", imgsz=imgsz, threads=threads, dense_engine=dense_engine))
             ref, dense_ms, _, _ = _run(dense, clip)
             bar.update(task, advance=1)
             hw = dense.input_hw_for(clip[0].rgb.shape[:2])
+            if overhead:
+                o = measure_overhead(det, imgsz, clip[0].rgb, threads, dense_engine)
+                overheads.append({"model": model, "imgsz": f"{hw[1]}x{hw[0]}", "video": video.name,
+                                  "threads": threads, "dense_engine": dense_engine, **o})
+                bar.update(task, advance=1)
             base = {"model": model, "imgsz": f"{hw[1]}x{hw[0]}", "video": video.name, "frames": len(clip),
                     "threads": threads, "dense_engine": dense_engine, "dense_ms_mean": statistics.fmean(dense_ms),
                     "dense_ms_median": statistics.median(dense_ms)}
@@ -87,12 +186,15 @@ def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frame
                              "units": _unit_breakdown(units[1:])})
                 bar.update(task, advance=1)
     _print_table(rows, console)
+    for o in overheads:
+        console.print("overhead: " + overhead_line(o))
     meta = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
             "time": "engine ms per frame: pre-processing + network + post-processing", "fps": fps}
+    result = {"meta": meta, "rows": rows, "overhead": overheads}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.write_text(json.dumps(result, indent=2))
     console.print(f"wrote {out}")
-    return {"meta": meta, "rows": rows}
+    return result
 
 
 def _print_table(rows: list[dict], console: Console) -> None:

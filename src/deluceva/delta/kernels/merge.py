@@ -68,6 +68,63 @@ def _merge2_nb(ia, va, ib, vb, concat):
     return idx[:k], out[:k]
 
 
+@jit
+def _concat_at_nb(idx_cat, starts, vals_flat, vstarts, chans, offs, ctot):
+    """k-way merge of sorted unique index runs idx_cat[starts[j]:starts[j+1]] (part j's rows: chans[j] values each,
+    row-major from vals_flat[vstarts[j]]) into sorted union rows of ctot channels, part j at channels offs[j]."""
+    k = starts.shape[0] - 1
+    pos = starts[:k].copy()
+    total = idx_cat.shape[0]
+    out_idx = np.empty(total, np.int64)
+    out = np.zeros((total, ctot), vals_flat.dtype)
+    n = 0
+    while True:
+        m = -1
+        for j in range(k):
+            if pos[j] < starts[j + 1]:
+                v = idx_cat[pos[j]]
+                if m < 0 or v < m:
+                    m = v
+        if m < 0:
+            break
+        out_idx[n] = m
+        for j in range(k):
+            if pos[j] < starts[j + 1] and idx_cat[pos[j]] == m:
+                base = vstarts[j] + (pos[j] - starts[j]) * chans[j]
+                o = offs[j]
+                for c in range(chans[j]):
+                    out[n, o + c] += vals_flat[base + c]
+                pos[j] += 1
+        n += 1
+    return out_idx[:n], out[:n]
+
+
+def concat_at(deltas: list[PixelDelta], offsets: list[int], shape: tuple[int, int, int, int]) -> PixelDelta:
+    """Δ of a channel concat with the changing parts `deltas` at channel `offsets` of the output `shape` (other
+    channels zero): union of the active pixels in one k-way merge pass (numba; torch.unique otherwise)."""
+    ctot = shape[1]
+    dtype = deltas[0].values.dtype
+    if HAVE_NUMBA and all(d.values.dtype == dtype for d in deltas):
+        chans = [d.values.shape[1] for d in deltas]
+        counts = [d.index.shape[0] for d in deltas]
+        starts = np.zeros(len(deltas) + 1, np.int64)
+        starts[1:] = np.cumsum(counts)
+        vstarts = np.zeros(len(deltas), np.int64)
+        vstarts[1:] = np.cumsum([a * c for a, c in zip(counts, chans, strict=True)])[:-1]
+        idx, vals = _concat_at_nb(torch.cat([d.index for d in deltas]).numpy(),
+                                  starts, torch.cat([d.values.reshape(-1) for d in deltas]).numpy(), vstarts,
+                                  np.array(chans, np.int64), np.array(offsets, np.int64), ctot)  # fmt: skip
+        return PixelDelta(torch.from_numpy(idx), torch.from_numpy(vals), shape)
+    idx, inv = torch.unique(torch.cat([d.index for d in deltas]), sorted=True, return_inverse=True)
+    vals = deltas[0].values.new_zeros(idx.numel(), ctot)
+    start = 0
+    for d, off in zip(deltas, offsets, strict=True):
+        rows = inv[start : start + d.index.shape[0]]
+        start += d.index.shape[0]
+        vals[rows, off : off + d.values.shape[1]] += d.values
+    return PixelDelta(idx, vals, shape)
+
+
 def _union(indices: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Sorted union of sorted unique index tensors and each one's positions in it."""
     first = indices[0]

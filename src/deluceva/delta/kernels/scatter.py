@@ -230,6 +230,11 @@ class ScatterConv:
             self._mark = np.zeros(rows, np.uint8)
             self._touched = np.empty(rows, np.int64)
             self._flat = torch.empty(0)
+            # per-call constants, prepared once: kernel arguments and the classes with taps (class, weight, floats)
+            self._geo = self._geometry()
+            self._split_args = (*plan.in_hw, *plan.mul, *plan.div, plan.ntaps, self.cout)
+            self._classes = [(c, wc, int(plan.ntaps[c]) * self.cout) for c, wc in enumerate(self.weights)
+                             if wc is not None]
 
     def __call__(self, pix: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.backend == "numba":
@@ -244,24 +249,28 @@ class ScatterConv:
     def _run_numba(self, pix: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pix_np = pix.numpy()
         if self.depthwise:
-            nt = _scatter_dw_nb(pix_np, vals.numpy(), self._wdw, *self._geometry(), self._buf, self._mark,
+            nt = _scatter_dw_nb(pix_np, vals.numpy(), self._wdw, *self._geo, self._buf, self._mark,
                                 self._touched, 0)  # fmt: skip
         else:
-            p = self.plan
-            perm, counts, start, total = _split_nb(pix_np, *p.in_hw, *p.mul, *p.div, p.ntaps, self.cout)
-            if self._flat.numel() < total:
-                self._flat = torch.empty(max(total, int(1.25 * self._flat.numel())))
-            if p.classes > 1:
+            perm, counts, start, total = _split_nb(pix_np, *self._split_args)
+            flat = self._flat
+            if flat.numel() < total:
+                flat = self._flat = torch.empty(max(total, int(1.25 * flat.numel())))
+            if len(counts) == 1:  # one phase class (stride 1): every pixel, in order
+                if total:
+                    self._gemm(vals, self._classes[0][1], flat[:total].view(vals.shape[0], -1))
+            else:
                 vals = vals.index_select(0, torch.from_numpy(perm))
-            pos, off = 0, 0
-            for c, wc in enumerate(self.weights):
-                n = int(counts[c])
-                if wc is None or n == 0:
-                    continue
-                size = n * int(p.ntaps[c]) * self.cout
-                self._gemm(vals[pos : pos + n], wc, self._flat[off : off + size].view(n, -1))
-                pos, off = pos + n, off + size
-            nt = _scatter_nb(pix_np, start, self._flat.numpy(), *self._geometry(), self._buf, self._mark,
+                counts = counts.tolist()
+                pos, off = 0, 0
+                for c, wc, per in self._classes:
+                    n = counts[c]
+                    if n == 0:
+                        continue
+                    size = n * per
+                    self._gemm(vals[pos : pos + n], wc, flat[off : off + size].view(n, -1))
+                    pos, off = pos + n, off + size
+            nt = _scatter_nb(pix_np, start, flat.numpy(), *self._geo, self._buf, self._mark,
                              self._touched, 0)  # fmt: skip
         if nt == 0:
             return torch.zeros(0, dtype=torch.int64), self.buf.new_zeros(0, self.cout)

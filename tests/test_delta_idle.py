@@ -1,0 +1,144 @@
+"""Frames with nothing to propagate (DeltaNetwork.last_changed False) on real video: the network skips every unit and
+returns the previous outputs, bit for bit what the full unit loop gives (idle_shortcut off), in exact mode, under the
+input noise floor and with filters that still hold residuals back; the engine then reuses the previous detections."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from deluceva.convert import convert
+from deluceva.delta import kernels_bridge
+from deluceva.engine import Engine, EngineConfig
+from deluceva.video import open_source
+from deluceva.zoo.registry import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+VIDEO = ROOT / "assets/video/car-detection.mp4"
+PEOPLE = ROOT / "assets/video/vtest_pets09_s2l1.avi"
+
+
+@cache
+def _clip(n: int, size: str = "384x224", video: Path = VIDEO) -> tuple[object, list[torch.Tensor], list]:
+    torch.set_num_threads(1)
+    det = load_model("yolov5n")
+    with open_source(str(video), max_frames=n) as src:
+        frames = list(src)
+    hw = det.input_hw(size, frames[0].rgb.shape[:2])
+    return det, [det.preprocess(f.rgb, hw)[0] for f in frames], [f.rgb for f in frames]
+
+
+def _pair(det, x0: torch.Tensor, pct: float = 0.0, input_floor: float = 0.0):
+    """Two converted networks, the second visiting every unit on idle frames (the reference)."""
+    nets = [convert(det.network, x0, filter_pct=pct, input_floor=input_floor) for _ in range(2)]
+    nets[1].idle_shortcut = False
+    return nets
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+
+def test_repeated_frames_are_idle_and_exact() -> None:
+    det, xs, _ = _clip(4)
+    fast, ref = _pair(det, xs[0])
+    prev = None
+    for i, x in enumerate([xs[0], xs[1], xs[1], xs[1], xs[2], xs[3], xs[3]]):
+        out, want = fast(x), ref(x)
+        assert _same(out, want), f"frame {i}: the idle shortcut changed the outputs"
+        repeated = i in (2, 3, 6)
+        assert fast.last_changed is (not repeated)
+        assert ref.last_changed is (not repeated)  # the full loop finds no output delta either
+        if repeated:
+            assert _same(out, prev) and all(o is not p for o, p in zip(out, prev, strict=True))
+            stats = fast.last_stats
+            assert all(r["macs"] == 0 and r["active_in"] == 0 and r["active_out"] == 0 for r in stats)
+            assert [r["name"] for r in stats] == fast.unit_names
+            with torch.inference_mode():
+                out[0].add_(1.0)  # callers own the returned tensors: this must not reach the next frame
+        else:
+            prev = [o.clone() for o in out]
+    assert _same(fast(xs[3]), ref(xs[3]))
+
+
+def test_changes_under_the_input_floor_are_idle() -> None:
+    det, xs, _ = _clip(2)
+    floor = 3 / 255
+    fast, ref = _pair(det, xs[0], input_floor=floor)
+    g = torch.Generator().manual_seed(0)
+    assert _same(fast(xs[0]), ref(xs[0]))
+    base = xs[0]
+    for k in range(4):  # codec-like noise: up to 2 grey levels on a third of the pixels, never accumulating past 3
+        noise = torch.randint(-2, 3, base.shape, generator=g) * (torch.rand(base.shape, generator=g) < 0.33)
+        y = (base * 255 + noise).clamp(0, 255) / 255
+        assert _same(fast(y), ref(y))
+        assert not fast.last_changed, f"noise frame {k} was not idle"
+    assert _same(fast(xs[1]), ref(xs[1]))  # a real change above the floor runs
+    assert fast.last_changed
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "torch"])
+def test_filters_with_residuals_drain_then_go_idle(use_kernels: bool, monkeypatch) -> None:
+    monkeypatch.setattr(kernels_bridge, "enabled", use_kernels)
+    det, xs, _ = _clip(2, "384x224" if use_kernels else "256x160")
+    fast, ref = _pair(det, xs[0], pct=90.0)
+    assert _same(fast(xs[0]), ref(xs[0]))
+    y = xs[0].clone()  # a small real change: a 4x4 patch of the next frame, brightened
+    y[..., 100:104, 150:154] = xs[1][..., 100:104, 150:154] + 0.2
+    idle_at = None
+    for i in range(120):  # the changed frame again and again: what the filters hold drains, then they hold it all
+        assert _same(fast(y), ref(y)), f"repeat {i}: outputs differ"
+        if not fast.last_skipped:
+            assert idle_at is None, "a frame after an idle one ran units"
+            continue
+        assert not fast.last_changed
+        if idle_at is None:
+            idle_at = i
+            stats, ref_stats = fast.last_stats, ref.last_stats
+            assert [r["candidates"] for r in stats] == [r["candidates"] for r in ref_stats]
+            pending = [f for f in fast._filters if f.pending]
+            assert pending and all(f.quiet() for f in pending)  # held back, not empty: quiet filters
+        elif i > idle_at + 3:
+            break
+    assert idle_at is not None and idle_at > 2, f"idle at repeat {idle_at}: expected a drain first"
+    for f, g in zip(fast._filters, ref._filters, strict=True):  # skipping left every residual as the calls did
+        assert f.pending == g.pending and torch.equal(f.r, g.r)
+
+
+def test_engine_reuses_detections_when_nothing_changed() -> None:
+    det, _, rgbs = _clip(2, video=PEOPLE)
+    eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta"))
+    d0, m0 = eng.infer(rgbs[0])
+    d1, m1 = eng.infer(rgbs[0])
+    d2, m2 = eng.infer(rgbs[1])
+    d3, m3 = eng.infer(rgbs[1])
+    assert (m0, m1, m2, m3) == ("refresh", "delta", "delta", "delta")
+    assert d1 is d0 and d3 is d2 and d2 is not d1
+    assert len(d0) > 0  # pedestrians: the reused detections are not trivially empty
+    dense = Engine(det, EngineConfig(mode="dense", imgsz="384x224", threads=1, dense_engine="torch"))
+    ref = dense.infer(rgbs[1])[0]
+    assert len(ref) == len(d3) and (abs(ref.scores - d3.scores) < 1e-3).all()
+
+
+def test_returned_outputs_are_never_shared_with_a_holder() -> None:
+    """Outputs are reused only once the caller let go of them: what a caller keeps (tensor, view, array) never
+    changes behind its back, and values stay exact on changed and idle frames."""
+    det, xs, _ = _clip(4)
+    net = convert(det.network, xs[0])
+    ref = convert(det.network, xs[0])
+    kept = []
+    for i, x in enumerate([xs[0], xs[1], xs[1], xs[2], xs[3], xs[3], xs[2]]):
+        out, want = net(x), ref(x)
+        assert _same(out, want)
+        if i % 3 == 0:
+            kept.append((out, [o.clone() for o in out]))  # the tensors themselves
+        elif i % 3 == 1:
+            kept.append(([out[0][0]], [out[0][0].clone()]))  # a view only
+        else:
+            kept.append(([torch.from_numpy(out[1].numpy())], [out[1].clone()]))  # an array only
+        del out
+        for held, copy in kept:
+            assert _same(held, copy), f"frame {i}: a held output changed"
