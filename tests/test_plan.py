@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from deluceva.convert import convert
+from deluceva.dense import make_dense
 from deluceva.errors import DelucevaError
 from deluceva.plan import CostModel, PlanSet, Profile, ProfileKey, apply_plan, make_plan, make_planset
+from deluceva.plan.guard import DeltaCost, FrameGuard, activity
+from deluceva.plan.planner import cycle_ms
 from deluceva.plan.profiler import profile_network
-from deluceva.plan.session import decode_frames, resolve_plan
+from deluceva.plan.session import decode_frames, resolve_plan, swing_frame
 from deluceva.plan.store import default_profile_path, fingerprint
 from deluceva.zoo.registry import load_model
 
@@ -36,9 +39,11 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def setup():
     det = load_model("yolov5n")
-    frames = decode_frames(det, HW, PERSON, 8)
+    *frames, swing = decode_frames(det, HW, PERSON, 8, with_swing=True)
     net = convert(det.network, frames[0])
-    prof = profile_network(net, frames, ProfileKey("yolov5n", HW, 1), PCTS)
+    ort = make_dense(det.network, HW, 1, "onnxruntime")
+    prof = profile_network(net, frames, ProfileKey("yolov5n", HW, 1), PCTS, input_floor=3 / 255, swing=swing,
+                           dense_run=ort)
     return det, frames, net, prof
 
 
@@ -47,7 +52,13 @@ def test_profile_covers_every_unit_in_both_modes(setup):
     assert prof.unit_names == net.unit_names
     assert prof.stamp == fingerprint()
     assert prof.meta["dense_mode"] == "measured"
-    assert set(prof.frame_ms) == {"delta", "dense"} and all(len(v) == len(PCTS) for v in prof.frame_ms.values())
+    assert set(prof.frame_ms) == {"delta", "dense", "seed", "swing_delta", "swing_dense", "onnxruntime"}
+    assert all(len(v) == len(PCTS) for v in prof.frame_ms.values())
+    assert all(v > 0 for v in prof.frame_ms["onnxruntime"].values())
+    # a frame brightened everywhere costs the delta network more than the clip's typical frame
+    assert prof.frame_ms["swing_delta"]["95"] > prof.frame_ms["delta"]["95"]
+    # real video, 3 grey-level input floor at P > 0: a small part of the frame changes between frames
+    assert 0.0 < prof.meta["activity"]["95"] < 0.5
     first = prof.units[0]
     assert first["kind"].startswith("conv") and first["shape"][1:] == [16, HW[0] // 2, HW[1] // 2]
     assert first["dense_macs"] > 0 and first["has_dense"]
@@ -55,6 +66,7 @@ def test_profile_covers_every_unit_in_both_modes(setup):
         assert [p["pct"] for p in u["points"]] == list(PCTS)
         for p in u["points"]:
             assert 0.0 <= p["work"] <= 1.0 and p["delta_ms"] >= 0.0 and p["dense_ms"] >= 0.0
+            assert 0.0 <= p["swing_work"] <= 1.0 and p["swing_delta_ms"] >= 0.0
     # the first conv's filter forwards (100 - P)% of its candidates: its work shrinks as P grows
     works = [p["work"] for p in first["points"]]
     assert works[0] > works[1] > works[2] > 0.0
@@ -77,7 +89,7 @@ def test_plan_choices_follow_the_profile(setup):
             else:
                 assert delta <= dense + max(0.02, 0.05 * delta) + 1e-9
         mixed = cost.predict(plan.modes, pct)
-        assert mixed == pytest.approx(plan.predicted_ms)
+        assert mixed == pytest.approx(plan.delta_ms)
         assert mixed <= min(cost.predict(cost.uniform("dense"), pct), cost.predict(cost.uniform("delta"), pct)) + 1e-9
 
 
@@ -121,8 +133,9 @@ def test_stale_profile_detected_and_not_used(setup, tmp_path, monkeypatch):
 
 def test_plan_switch_mid_stream_stays_exact_at_filter_0(setup):
     det, frames, net, prof = setup
-    bands = make_planset(prof, [0.0, 95.0])
-    forced = Profile.from_json(json.loads(json.dumps(prof.to_json())))
+    bands = make_planset(_without_dense_engine(prof), [0.0, 95.0])
+    assert all(p.kind == "units" for _, p in bands.bands)
+    forced = _without_dense_engine(prof)
     for u in forced.units:  # make the all-dense plan the cheapest, so switching really changes modes
         for p in u["points"]:
             p["dense_ms"] = 0.0
@@ -144,6 +157,14 @@ def test_plan_switch_mid_stream_stays_exact_at_filter_0(setup):
     apply_plan(net, "auto", 0.0)
 
 
+def _without_dense_engine(prof: Profile) -> Profile:
+    """A copy of the profile without the dense engine's timing (unit plans only)."""
+    out = Profile.from_json(json.loads(json.dumps(prof.to_json())))
+    out.frame_ms.pop("onnxruntime")
+    out.meta["dense_engine"] = None
+    return out
+
+
 def test_plan_command_prints_table(setup, tmp_path):
     _, _, _, prof = setup
     path = prof.save(tmp_path / "p.json")
@@ -153,3 +174,145 @@ def test_plan_command_prints_table(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "model_0_conv_conv" in proc.stdout and "all-dense" in proc.stdout and "mixed" in proc.stdout
     assert PlanSet.load(tmp_path / "plans.json").key.model == "yolov5n"
+
+
+def _with_dense_engine_ms(prof: Profile, ms: float) -> Profile:
+    """A copy of the profile whose dense engine (ONNX Runtime) took `ms` per frame."""
+    out = Profile.from_json(json.loads(json.dumps(prof.to_json())))
+    out.frame_ms["onnxruntime"] = {k: ms for k in out.frame_ms["onnxruntime"]}
+    return out
+
+
+def test_ort_band_where_the_delta_network_is_predicted_slower(setup, tmp_path):
+    _, _, _, prof = setup
+    cost = CostModel(prof)
+    cycles = {p: cycle_ms(make_plan(cost, p).delta_ms, cost.seed_ms(p), prof.meta["frames"]) for p in PCTS}
+    # the dense engine between the cheapest and the dearest percentage's unit plan: both kinds of band appear
+    mid = (min(cycles.values()) + max(cycles.values())) / 2
+    plans = make_planset(_with_dense_engine_ms(prof, mid))
+    kinds = {p.kind for _, p in plans.bands}
+    assert kinds == {"ort", "units"}
+    for _, plan in plans.bands:
+        assert plan.dense_ms == pytest.approx(mid)
+        cycle = cycle_ms(plan.delta_ms, plan.seed_ms, prof.meta["frames"])
+        assert (plan.kind == "ort") == (cycle > mid)
+        assert plan.predicted_ms == pytest.approx(mid if plan.kind == "ort" else cycle)
+    # the dearest percentage (0: nothing filtered) runs on ONNX Runtime, the cheapest on the delta network
+    assert plans.for_pct(max(cycles, key=cycles.get)).kind == "ort"
+    assert plans.for_pct(min(cycles, key=cycles.get)).kind == "units"
+    assert [k for _, _, k, _ in plans.summary()] in (["ort", "units"], ["units", "ort"], ["ort", "units", "ort"])
+    assert all(p.kind == "ort" for _, p in make_planset(_with_dense_engine_ms(prof, 1e-3)).bands)
+    assert all(p.kind == "units" for _, p in make_planset(_with_dense_engine_ms(prof, 1e6)).bands)
+    back = PlanSet.load(plans.save(tmp_path / "bands.json"))
+    assert [(lo, p.kind, p.predicted_ms) for lo, p in back.bands] == [(lo, p.kind, p.predicted_ms)
+                                                                      for lo, p in plans.bands]
+    # apply_plan leaves an "ort" band's unit modes alone and returns it for the engine to run ONNX Runtime
+    net = setup[2]
+    apply_plan(net, "delta", 0.0)
+    ort_pct = max(cycles, key=cycles.get)
+    assert apply_plan(net, plans, ort_pct).kind == "ort"
+    assert set(net.unit_modes().values()) == {"delta"}
+    apply_plan(net, "auto", 0.0)
+
+
+def test_swing_guard_triggers_on_a_full_frame_brightness_change(setup):
+    det, frames, _, prof = setup
+    floor = 3 / 255
+    rgb = _first_rgb()
+    x, bright = det.preprocess(rgb, HW)[0], swing_frame(det, rgb, HW, gain=1.25)
+    calm_a = activity(frames[2], frames[1], floor)
+    swing_a = activity(bright, x, floor)
+    assert calm_a < 0.2 and swing_a > 0.9  # real frame-to-frame change vs an exposure change of the same frame
+    plan = make_planset(prof).for_pct(95.0)
+    assert calm_a < plan.swing_activity <= swing_a  # the profile's swing (6% brighter) vs this one (25%)
+    cost = DeltaCost(plan.delta_ms, plan.swing_ms, plan.activity, plan.swing_activity)
+    assert cost(swing_a) >= plan.swing_ms and cost(calm_a) < cost(swing_a)
+    ort = (2 * cost(calm_a) + cost(swing_a)) / 3  # a dense engine between the two predictions
+    guard = FrameGuard(cost, ort_ms=ort, seed_ms=3 * ort)
+    assert guard.decide(calm_a) == "delta"
+    guard.observe("delta", cost(calm_a))
+    assert guard.decide(swing_a) == "ort"  # predicted above the dense engine: run it there
+    guard.observe("ort", ort)
+    for _ in range(guard.min_stay + 3):  # stays while the scene keeps changing
+        assert guard.decide(swing_a) == "ort"
+        guard.observe("ort", ort)
+    assert guard.decide(calm_a) == "reseed"  # calm again, and fresh delta frames pay for the seed
+    guard.observe("reseed", 3 * ort)
+    assert guard.decide(calm_a) == "delta"
+
+
+def test_guard_renews_the_state_when_the_backlog_makes_delta_frames_costlier():
+    guard = FrameGuard(DeltaCost(10.0, 80.0, 0.02), ort_ms=50.0, seed_ms=100.0)
+    guard.observe("reseed", 100.0)
+    decisions = []
+    for k in range(40):  # delta frames growing 2 ms per frame since the seed (held-back residuals pile up)
+        d = guard.decide(0.02)
+        decisions.append(d)
+        guard.observe(d, 100.0 if d == "reseed" else 5.0 + 2.0 * (k - _last(decisions, "reseed")))
+    first = decisions.index("reseed")
+    assert 5 <= first <= 15  # renewal: marginal cost above the cycle's mean incl. the seed (optimum ~10 here)
+    assert "ort" not in decisions  # a calm scene re-seeds rather than leaving for the dense engine
+    # measured slower than the dense engine right after every re-seed: the stay on the dense engine grows
+    guard = FrameGuard(DeltaCost(10.0, 80.0, 0.02), ort_ms=20.0, seed_ms=40.0, renew=False)
+    stays = []
+    for _ in range(4):
+        guard.observe("reseed", 40.0)
+        for _ in range(2):
+            guard.observe("delta", 30.0)
+        assert guard.decide(0.02) == "ort"
+        stays.append(guard.stay)
+        while guard.decide(0.02) == "ort":
+            pass
+    assert stays == sorted(stays) and stays[-1] > stays[0]
+
+
+def _last(seq: list[str], what: str) -> int:
+    return max((i for i, v in enumerate(seq) if v == what), default=-1)
+
+
+def _first_rgb():
+    from deluceva.video import open_source
+
+    with open_source(str(PERSON), max_frames=1) as src:
+        return next(iter(src)).rgb
+
+
+def test_engine_exact_at_filter_0_across_ort_delta_ort(setup, tmp_path, monkeypatch):
+    """The engine's real paths (ONNX Runtime frame + refresh, re-seed, delta frames) with a scripted guard."""
+    from deluceva.engine import Engine, EngineConfig
+
+    det, frames, _, prof = setup
+    path = make_planset(_with_dense_engine_ms(prof, 1e6)).save(tmp_path / "plan.json")  # units bands + guard
+    script = iter(["delta", "delta", "ort", "ort", "reseed", "delta", "delta", "ort"])
+    monkeypatch.setattr(FrameGuard, "decide", lambda self, a: next(script))
+    eng = Engine(det, EngineConfig(mode="delta", imgsz=f"{HW[1]}x{HW[0]}", plan=str(path)))
+    eng.ensure_prepared((432, 768))
+    ran = []
+    with torch.inference_mode():
+        for x in [frames[0], *frames[1:], frames[0]]:
+            outs, mode = eng._run_delta(x)
+            ran.append((eng.last_plan_info["decision"], mode))
+            for a, b in zip(outs, det.network(x), strict=True):
+                assert torch.allclose(a, b, atol=1e-4 * max(1.0, float(b.abs().max())), rtol=0)
+    assert ran == [("reseed", "refresh"), ("delta", "delta"), ("delta", "delta"), ("ort", "dense"), ("ort", "dense"),
+                   ("reseed", "refresh"), ("delta", "delta"), ("delta", "delta"), ("ort", "dense")]
+
+
+def test_guard_rents_slightly_slower_frames_before_throwing_the_state_away():
+    """Frames up to 1.1x the dense engine stay on the delta network until the excess paid reaches a re-seed's extra
+    cost (leaving refreshes the state); above 1.1x they leave at once."""
+    guard = FrameGuard(DeltaCost(10.0, 10.0, 0.02), ort_ms=50.0, seed_ms=150.0)
+    guard.observe("reseed", 150.0)
+    busy = 0.5  # not calm: no re-seed, the choice is delta or the dense engine
+    decisions = []
+    for _ in range(40):
+        d = guard.decide(busy)
+        decisions.append(d)
+        if d == "ort":
+            break
+        guard.observe(d, 54.0)  # 1.08x the dense engine: 4 ms excess per frame
+    assert decisions[-1] == "ort" and 20 <= len(decisions) <= 30  # ~ (150 - 50) / 4 frames rented
+    guard = FrameGuard(DeltaCost(10.0, 10.0, 0.02), ort_ms=50.0, seed_ms=150.0)
+    guard.observe("reseed", 150.0)
+    guard.observe("delta", 60.0)  # 1.2x: over the per-frame limit
+    assert guard.decide(busy) == "ort"

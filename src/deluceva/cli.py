@@ -249,6 +249,35 @@ def bench_delta(
                         refresh_every, dense_engine, out, out_console, progress_bar)
 
 
+@bench_app.command("plan")
+def bench_plan(
+    models_: Annotated[list[str] | None, typer.Option("--model", help="Zoo models (default: yolov5n, yolox-nano)")
+                       ] = None,
+    sizes: Annotated[list[str] | None, typer.Option("--imgsz", help="Sizes (default: 768x448, default = native)")
+                     ] = None,
+    threads: Annotated[list[int] | None, typer.Option("--threads", help="Thread counts (default: 1 2)")] = None,
+    filters: Annotated[str, typer.Option(help="Comma-separated filtering percentages")] = "0,50,75,90,95",
+    video: Annotated[list[Path] | None, typer.Option(help="Videos (default: the three shipped ones)")] = None,
+    frames: Annotated[int, typer.Option(help="Consecutive frames per video")] = 120,
+    start: Annotated[float, typer.Option(help="Start each video at this many seconds")] = 0.0,
+    repeats: Annotated[int, typer.Option(help="Runs per cell (per-frame median)")] = 1,
+    profile_frames: Annotated[int, typer.Option(help="Frames per profiling pass when a profile is made")] = 30,
+    reprofile: Annotated[bool, typer.Option(help="Re-profile even when a fresh profile exists")] = False,
+    out: Annotated[Path | None, typer.Option(help="JSON output (default bench/results/plan_<models>.json)")] = None,
+) -> None:
+    """Mixed plan (plan=auto) vs all-dense, all-delta and ONNX Runtime, end to end, with predicted vs measured."""
+    from deluceva.eval.bench_plan import run_plan_benchmark
+
+    if frames < 2 or repeats < 1:
+        raise DelucevaError("--frames must be >= 2 and --repeats >= 1")
+    models_ = models_ or ["yolov5n", "yolox-nano"]
+    videos = video or sorted(Path("assets/video").glob("*.mp4")) + sorted(Path("assets/video").glob("*.avi"))
+    out = out or Path(f"bench/results/plan_{'_'.join(models_)}.json")
+    run_plan_benchmark(models_, sizes or ["768x448", "default"], threads or [1, 2],
+                       [float(f) for f in filters.split(",")], videos, frames, start, repeats, profile_frames,
+                       reprofile, out, out_console, progress_bar)
+
+
 @bench_app.command("ops", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_ops(ctx: typer.Context) -> None:
     """Per-operator dense vs delta at active fractions 0.5..50% (options: see `python bench/ops.py --help`)."""

@@ -91,8 +91,28 @@ class Engine:
             self._delta = convert(self.detector.network, torch.zeros(1, 3, *hw), filter_pct=self.config.filter_pct)
             self._plans, self.plan_note = resolve_plan(self.config.plan,
                                                        ProfileKey(self.detector.name, hw, self.config.threads))
+        if self.config.mode == "delta":
+            self._prepare_dense_engine(hw)
         self._input_hw = hw
         return hw
+
+    def _prepare_dense_engine(self, hw: tuple[int, int]) -> None:
+        """For plans with dense-engine bands or timings: the dense executor at hw (ONNX export, once) and a fresh
+        per-frame guard (deluceva.plan.guard). Other plans run every frame on the delta network."""
+        from deluceva.plan import PlanSet
+
+        self._guard = None
+        self._x_prev: torch.Tensor | None = None
+        self._dense_ms: float | None = None
+        if isinstance(self._plans, PlanSet) and self._plans.uses_dense_engine:
+            if hw not in self._dense:
+                self._dense[hw] = make_dense(self.detector.network, hw, self.config.threads, self.config.dense_engine)
+            run, x0, ms = self._dense[hw], torch.zeros(1, 3, *hw), []
+            for _ in range(6):  # this machine's dense-engine time now (the profile's may be from a busier moment)
+                t0 = time.perf_counter()
+                run(x0)
+                ms.append((time.perf_counter() - t0) * 1e3)
+            self._dense_ms = sorted(ms[1:])[2]
 
     def ensure_prepared(self, source_hw: tuple[int, int]) -> tuple[int, int]:
         hw = self.input_hw_for(source_hw)
@@ -111,33 +131,94 @@ class Engine:
 
     # -- per frame -----------------------------------------------------------------------------------------------
     def _run_delta(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], str]:
+        """One frame of delta mode: the plan band for the filter, then (guard) the delta network, a re-seed, or the
+        dense engine (the delta state is then refreshed). Sets `last_plan_info` {decision, net_ms, predicted_ms,
+        activity, kind}."""
         net = self._delta
-        every = self.config.refresh_every
+        cfg = self.config
+        every = cfg.refresh_every
         if every is not None and self._frames_since_dense >= every:
             net.refresh()
-        cfg = self.config
-        apply_plan(net, self._plans, cfg.filter_pct)  # sets net.filter_pct and the plan band's unit modes
+        plan = apply_plan(net, self._plans, cfg.filter_pct)  # sets net.filter_pct and the plan band's unit modes
         on = cfg.filter_pct > 0.0
         scale = float(getattr(self.detector, "input_scale", 1 / 255))
-        net.config.input_floor = cfg.input_noise_floor * scale if on else 0.0
+        floor = cfg.input_noise_floor * scale if on else 0.0
+        net.config.input_floor = floor
         net.config.relative_floor = cfg.relative_floor if on else 0.0
-        with torch.inference_mode():
-            out = net(x)
-        ran_dense = bool(net.last_dense)
-        self._frames_since_dense = 0 if ran_dense else self._frames_since_dense + 1
-        self.last_unit_stats = list(getattr(net, "last_stats", []) or [])
-        outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        return outs, ("refresh" if ran_dense else "delta")
+        decision, act, guard = self._guard_decision(plan, x, floor)
+        t0 = time.perf_counter()
+        if decision == "ort":
+            outs = self._dense[self._input_hw](x)
+            net.refresh()  # the delta state goes stale: its next frame re-seeds
+            ran = "dense"
+        else:
+            if decision == "reseed":
+                net.refresh()
+            with torch.inference_mode():
+                out = net(x)
+            outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+            ran = "refresh" if net.last_dense else "delta"
+            decision = "reseed" if net.last_dense else "delta"
+        net_ms = (time.perf_counter() - t0) * 1e3
+        self._x_prev = x
+        self._frames_since_dense = self._frames_since_dense + 1 if ran == "delta" else 0
+        self.last_unit_stats = list(getattr(net, "last_stats", []) or []) if ran != "dense" else []
+        predicted = None
+        if guard is not None:
+            predicted = guard.predict(decision, act)
+            guard.observe(decision, net_ms)
+        elif plan is not None:
+            predicted = plan.predicted_ms if decision != "reseed" else plan.seed_ms
+        self.last_plan_info = {"decision": decision, "net_ms": net_ms, "predicted_ms": predicted, "activity": act,
+                               "kind": None if plan is None else plan.kind}
+        return outs, ran
+
+    def _guard_decision(self, plan: Any, x: torch.Tensor, floor: float) -> tuple[str, float | None, Any]:
+        """('delta' | 'ort' | 'reseed', input activity or None, the guard or None) for this frame and plan band."""
+        from deluceva.plan.guard import DeltaCost, FrameGuard, activity
+
+        if plan is None or plan.dense_ms is None or self._input_hw not in self._dense:
+            return "delta", None, None
+        prev = self._x_prev
+        if plan.kind == "ort":
+            act = None  # not needed: the whole band runs on the dense engine
+        else:
+            act = 1.0 if prev is None or prev.shape != x.shape else activity(x, prev, floor)
+        now = self._dense_ms or float(plan.dense_ms)
+        load = min(2.0, max(0.5, now / float(plan.dense_ms)))  # profile times -> this machine's load now
+        cost = DeltaCost(float(plan.delta_ms), float(plan.swing_ms or plan.delta_ms), float(plan.activity),
+                         float(plan.swing_activity))
+        guard = self._guard
+        if guard is None:
+            guard = self._guard = FrameGuard(cost, now, load * float(plan.seed_ms or 3 * plan.dense_ms))
+        guard.cost = cost.scaled(load)  # the running band's prediction (the filter may change between frames)
+        if plan.kind == "ort":
+            guard.state, guard.stay = "delta", 0  # leaving the band re-seeds (the network was refreshed)
+            return "ort", act, guard
+        if prev is None:
+            return "reseed", act, guard
+        return guard.decide(act), act, guard  # type: ignore[arg-type]
 
     def infer(self, rgb: np.ndarray) -> tuple[Detections, str]:
-        """Detections for one RGB frame and the mode it actually ran in (dense|delta|refresh)."""
+        """Detections for one RGB frame and the mode it actually ran in (dense|delta|refresh).
+
+        In delta mode, a frame that changed none of the network's outputs (`DeltaNetwork.last_changed` False: the
+        outputs are exactly the previous call's) reuses the previous frame's detections without post-processing."""
         hw = self.ensure_prepared(rgb.shape[:2])
         x, geo = self.detector.preprocess(rgb, hw)
         if self.config.mode == "dense":
-            outs, mode = self._dense[hw](x), "dense"
-        else:
-            outs, mode = self._run_delta(x)
-        return self.detector.postprocess(outs, geo), mode
+            return self.detector.postprocess(self._dense[hw](x), geo), "dense"
+        outs, mode = self._run_delta(x)
+        net = self._delta
+        frame = getattr(net, "frames_since_reset", None)
+        last = getattr(self, "_last_delta_dets", None)  # (network frame, geometry, detections) of the last post-process
+        if (mode == "delta" and last is not None and frame is not None and last[0] == frame - 1 and last[1] == geo
+                and not getattr(net, "last_changed", True)):
+            self._last_delta_dets = (frame, geo, last[2])
+            return last[2], mode
+        dets = self.detector.postprocess(outs, geo)
+        self._last_delta_dets = (frame, geo, dets) if mode != "dense" else None
+        return dets, mode
 
     def process(self, frame: FrameLike) -> dict[str, Any]:
         self.ensure_prepared(frame.rgb.shape[:2])  # one-off export/conversion is not frame time

@@ -8,6 +8,10 @@ interpolated from the profile's conversion benchmark for that shape at the edge'
 DeltaNetwork's dense forms take and emit PixelDeltas themselves, so the conversions are inside their measured time
 (turn it on for an engine that passes dense tensors between dense units). 'auto' units cost the cheaper of the two
 modes (the engine picks per frame) and never pay boundaries.
+
+Swing level s in [0, 1]: s = 0 is the profile clip's typical frame, s = 1 a frame that changes everywhere (the
+profile's full-frame brightness change); unit and overhead costs are interpolated linearly between the two. The
+fastest dense engine's ms (`dense_engine_ms`) and the seeding frame's ms (`seed_ms`) come from the same profile.
 """
 
 from __future__ import annotations
@@ -21,12 +25,17 @@ from deluceva.plan.store import Profile
 UNIT_MODES = ("delta", "dense", "auto")
 
 
-def _interp(x: float, xs: list[float], ys: list[float]) -> float:
-    """Piecewise-linear y(x) through points (sorted by x, duplicates averaged), clamped at the ends."""
+def _curve(xs: list[float], ys: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Points sorted by x with duplicate x averaged (the form np.interp needs)."""
     order = np.argsort(xs, kind="stable")
     xa, ya = np.asarray(xs, dtype=float)[order], np.asarray(ys, dtype=float)[order]
     ux, inv = np.unique(xa, return_inverse=True)
-    uy = np.bincount(inv, weights=ya) / np.bincount(inv)
+    return ux, np.bincount(inv, weights=ya) / np.bincount(inv)
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear y(x) through points (sorted by x, duplicates averaged), clamped at the ends."""
+    ux, uy = _curve(xs, ys)
     return float(np.interp(x, ux, uy))
 
 
@@ -39,24 +48,62 @@ class CostModel:
         self.units = {u["name"]: u for u in profile.units}
         self.order = [u["name"] for u in profile.units]
         self.edges = [(src, u["name"]) for u in profile.units for src in u["inputs"] if src in self.units]
+        self._curves: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _unit_interp(self, name: str, x: float, xkey: str, ykey: str) -> float:
+        """y(x) through the unit's profile points (xkey, ykey); curves are built once per unit and key pair."""
+        c = self._curves.get((name, xkey, ykey))
+        if c is None:
+            pts = self.units[name]["points"]
+            c = self._curves[(name, xkey, ykey)] = _curve([p[xkey] for p in pts], [p[ykey] for p in pts])
+        return float(np.interp(x, c[0], c[1]))
 
     def work(self, name: str, pct: float) -> float:
         """Fraction of its input the unit processes at filtering percentage `pct`."""
-        pts = self.units[name]["points"]
-        return _interp(pct, [p["pct"] for p in pts], [p["work"] for p in pts])
+        return self._unit_interp(name, pct, "pct", "work")
 
     def active_in(self, name: str, pct: float) -> float:
-        pts = self.units[name]["points"]
-        return _interp(pct, [p["pct"] for p in pts], [p["active_in"] for p in pts])
+        return self._unit_interp(name, pct, "pct", "active_in")
 
-    def unit_ms(self, name: str, mode: str, pct: float) -> float:
-        """Predicted ms per delta frame of unit `name` in `mode` at `pct`."""
+    def unit_ms(self, name: str, mode: str, pct: float, swing: float = 0.0) -> float:
+        """Predicted ms per delta frame of unit `name` in `mode` at `pct` and swing level `swing` (module docs)."""
         if mode == "auto":
-            return min(self.unit_ms(name, "delta", pct), self.unit_ms(name, "dense", pct))
+            return min(self.unit_ms(name, "delta", pct, swing), self.unit_ms(name, "dense", pct, swing))
         if mode not in ("delta", "dense"):
             raise ValueError(f"unit mode must be one of {UNIT_MODES}, got {mode!r}")
-        pts = self.units[name]["points"]
-        return _interp(self.work(name, pct), [p["work"] for p in pts], [p[f"{mode}_ms"] for p in pts])
+        calm = self._unit_interp(name, self.work(name, pct), "work", f"{mode}_ms")
+        if swing <= 0.0 or f"swing_{mode}_ms" not in self.units[name]["points"][0]:
+            return calm
+        hot = self._unit_interp(name, pct, "pct", f"swing_{mode}_ms")
+        return calm + min(1.0, swing) * (hot - calm)
+
+    @property
+    def has_swing(self) -> bool:
+        """Whether the profile measured full-frame changes (swing costs)."""
+        return bool(self.profile.units) and "swing_delta_ms" in self.profile.units[0]["points"][0]
+
+    def _frame_table(self, key: str, pct: float) -> float | None:
+        table = self.profile.frame_ms.get(key, {})
+        return _interp(pct, [float(k) for k in table], list(table.values())) if table else None
+
+    def dense_engine_ms(self) -> float | None:
+        """The fastest dense engine's ms per frame on the profile's frames (median over the percentages' runs), or
+        None when the profile has no such timing."""
+        table = self.profile.frame_ms.get(self.profile.meta.get("dense_engine") or "onnxruntime", {})
+        return float(np.median(list(table.values()))) if table else None
+
+    def seed_ms(self, pct: float) -> float:
+        """Whole-network ms of a seeding (dense re-seed) frame at `pct` (falls back to the units' seed times)."""
+        v = self._frame_table("seed", pct)
+        return v if v is not None else sum(float(u.get("seed_ms", 0.0)) for u in self.profile.units)
+
+    def activity(self, pct: float, swing: bool = False) -> float:
+        """The profile clip's mean input activity at `pct` (guard.activity; 0 when not measured), or with swing=True
+        that of its synthetic swing frame (1 when not measured)."""
+        table = self.profile.meta.get("swing_activity" if swing else "activity", {})
+        if not table:
+            return 1.0 if swing else 0.0
+        return _interp(pct, [float(k) for k in table], list(table.values()))
 
     def edge_ms(self, src: str, dst: str, src_mode: str, dst_mode: str, pct: float) -> float:
         """Conversion cost on edge src -> dst when their modes differ (0 otherwise or when unknown)."""
@@ -69,16 +116,26 @@ class CostModel:
         kind = "to_pixels" if src_mode == "dense" else "to_dense"
         return _interp(self.active_in(dst, pct), table["fractions"], table[kind])
 
-    def overhead_ms(self, pct: float) -> float:
+    def overhead_ms(self, pct: float, swing: float = 0.0) -> float:
         """The network's per-frame work outside its units (input delta, output updates), measured in delta mode."""
-        table = self.profile.meta.get("overhead_ms", {}).get("delta", {})
+        tables = self.profile.meta.get("overhead_ms", {})
+        calm = self._table(tables.get("delta", {}), pct)
+        hot = tables.get("swing_delta")
+        if swing <= 0.0 or not hot:
+            return calm
+        return calm + min(1.0, swing) * (self._table(hot, pct) - calm)
+
+    @staticmethod
+    def _table(table: Mapping[str, float], pct: float) -> float:
         if not table:
             return 0.0
         return max(0.0, _interp(pct, [float(k) for k in table], list(table.values())))
 
-    def predict(self, modes: Mapping[str, str], pct: float) -> float:
-        """Predicted ms per delta frame of the whole network with unit modes `modes` (missing units: 'auto')."""
-        total = self.overhead_ms(pct) + sum(self.unit_ms(n, modes.get(n, "auto"), pct) for n in self.order)
+    def predict(self, modes: Mapping[str, str], pct: float, swing: float = 0.0) -> float:
+        """Predicted ms per delta frame of the whole network with unit modes `modes` (missing units: 'auto') at
+        swing level `swing` (0: a typical frame of the profile clip; 1: a frame that changes everywhere)."""
+        total = self.overhead_ms(pct, swing) + sum(self.unit_ms(n, modes.get(n, "auto"), pct, swing)
+                                                   for n in self.order)
         for src, dst in self.edges:
             total += self.edge_ms(src, dst, modes.get(src, "auto"), modes.get(dst, "auto"), pct)
         return total

@@ -4,6 +4,9 @@ For each percentage P and each unit mode m (delta, dense) the network is reset, 
 over the remaining frames of a real clip with every unit in mode m; per unit it records the mean incoming active
 fraction, the processed ("work") fraction after the unit's filter and the mean time per delta frame. Modes do not
 change values (both are exact), so active fractions are the same in both passes and in any mixed plan.
+Also per percentage: the whole seeding (dense re-seed) frame, a full-frame brightness change ("swing": every unit's
+cost when nearly everything changes), the clip's mean input activity, and the fastest dense engine (ONNX Runtime)
+on the same frames, interleaved with the passes so that load changes hit both alike.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 
 from deluceva.delta.pixels import PixelDelta
+from deluceva.plan.guard import activity
 from deluceva.plan.store import Profile, ProfileKey, fingerprint
 
 PCTS: tuple[float, ...] = (0.0, 50.0, 75.0, 90.0, 95.0, 98.0, 99.0, 99.5)
@@ -71,33 +75,67 @@ def _work_fractions(net: Any, stats: list[dict[str, Any]]) -> list[float]:
     return out
 
 
-def run_pass(net: Any, frames: Sequence[torch.Tensor], pct: float, mode: str, tick: Tick | None = None
-             ) -> tuple[list[dict[str, float]], float, list[float]]:
-    """Seed on frames[0], run frames[1:] at `pct` with every unit in `mode`.
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
-    Returns per unit {active_in, work (means), ms (median: robust to other processes' interference)} over the
-    delta frames, the median whole-network ms per delta frame (units plus the network's own per-frame work: input
-    delta, outputs), and the per-unit ms of the seeding (dense) frame.
+
+def run_pass(net: Any, frames: Sequence[torch.Tensor], pct: float, mode: str, tick: Tick | None = None,
+             input_floor: float = 0.0, swing: torch.Tensor | None = None) -> dict[str, Any]:
+    """Seed on frames[0], run frames[1:] at `pct` with every unit in `mode`, then (if given) the `swing` frame (a
+    full-frame brightness change of frames[-1]) and frames[-1] again (the change back).
+
+    input_floor: the network's input noise floor at pct > 0 (as the engine sets it; 0 at pct = 0).
+    Returns {units: per unit {active_in, work (means), ms (median: robust to other processes' interference), and
+    with a swing: swing_work, swing_ms (means of the two swing frames)}, frame_ms: median whole-network ms per delta
+    frame (units plus the network's own per-frame work: input delta, outputs), seed_ms: per unit ms of the seeding
+    frame, seed_frame_ms: its whole-network ms, swing_frame_ms (or None), activity: mean input activity (guard.activity
+    against the previous frame) over frames[1:]}.
     """
     net.reset()
     net.filter_pct = pct
+    floor = input_floor if pct > 0 else 0.0
+    if hasattr(net, "config"):
+        net.config.input_floor = floor
     set_all_modes(net, mode)
-    net(frames[0])
+    seed_frame_ms = _timed(lambda: net(frames[0]))
     seed_ms = [float(r["ms"]) for r in net.last_stats]
     rows: list[list[tuple[float, float, float]]] = [[] for _ in seed_ms]
-    totals = []
-    for x in frames[1:]:
-        t0 = time.perf_counter()
-        net(x)
-        totals.append((time.perf_counter() - t0) * 1e3)
+    totals, acts = [], []
+    for prev, x in zip(frames[:-1], frames[1:], strict=True):
+        totals.append(_timed(lambda x=x: net(x)))
+        acts.append(activity(x, prev, floor))
         stats = net.last_stats
         for r, row, w in zip(rows, stats, _work_fractions(net, stats), strict=True):
             r.append((float(row["active_in"]), w, float(row["ms"])))
         if tick:
             tick(f"{mode} @ {pct:g}%")
-    out = [{"active_in": statistics.fmean(a for a, _, _ in r), "work": statistics.fmean(w for _, w, _ in r),
-            "ms": statistics.median(t for _, _, t in r)} for r in rows]
-    return out, statistics.median(totals), seed_ms
+    units = [{"active_in": statistics.fmean(a for a, _, _ in r), "work": statistics.fmean(w for _, w, _ in r),
+              "ms": statistics.median(t for _, _, t in r)} for r in rows]
+    swing_frame_ms, swing_activity = None, None
+    if swing is not None:
+        sw: list[list[tuple[float, float]]] = [[] for _ in seed_ms]
+        tot = []
+        for x in (swing, frames[-1]):
+            tot.append(_timed(lambda x=x: net(x)))
+            stats = net.last_stats
+            for r, row, w in zip(sw, stats, _work_fractions(net, stats), strict=True):
+                r.append((w, float(row["ms"])))
+        swing_frame_ms = statistics.fmean(tot)
+        swing_activity = activity(swing, frames[-1], floor)
+        for u, r in zip(units, sw, strict=True):
+            u["swing_work"] = statistics.fmean(w for w, _ in r)
+            u["swing_ms"] = statistics.fmean(t for _, t in r)
+    return {"units": units, "frame_ms": statistics.median(totals), "seed_ms": seed_ms,
+            "seed_frame_ms": seed_frame_ms, "swing_frame_ms": swing_frame_ms, "activity": statistics.fmean(acts),
+            "swing_activity": swing_activity}
+
+
+def time_dense(run: Callable[[torch.Tensor], Any], frames: Sequence[torch.Tensor]) -> float:
+    """Median ms per frame of a dense executor (e.g. ONNX Runtime, `deluceva.dense.make_dense`) over `frames`."""
+    run(frames[0])  # warm-up
+    return statistics.median(_timed(lambda x=x: run(x)) for x in frames)
 
 
 def boundary_costs(shapes: Sequence[Sequence[int]], fractions: Sequence[float] = (0.01, 0.1, 0.5, 1.0),
@@ -129,36 +167,69 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def profile_network(net: Any, frames: Sequence[torch.Tensor], key: ProfileKey,
-                    pcts: Sequence[float] = PCTS, tick: Tick | None = None) -> Profile:
+                    pcts: Sequence[float] = PCTS, tick: Tick | None = None, *, input_floor: float = 0.0,
+                    swing: torch.Tensor | None = None, dense_run: Callable[[torch.Tensor], Any] | None = None,
+                    dense_engine: str = "onnxruntime") -> Profile:
     """Profile a converted network on real frames (>= 2; the first seeds). Dense mode is profiled only when the
-    network supports per-unit modes; otherwise each unit's dense cost is its seeding time (noted in meta)."""
+    network supports per-unit modes; otherwise each unit's dense cost is its seeding time (noted in meta).
+
+    input_floor: the engine's input noise floor (network units) used at pct > 0. swing: a full-frame brightness
+    change of frames[-1]; per unit and per frame its cost is recorded (the guard's prediction for exposure swings).
+    dense_run: the fastest dense executor (ONNX Runtime), timed on the same frames between the passes of every
+    percentage (frame_ms[dense_engine]), so that ratios come from the same run.
+    """
     if len(frames) < 2:
         raise ValueError("profiling needs at least 2 frames")
     graph = unit_graph(net)
     modes = MODES if supports_modes(net) else ("delta",)
     per: dict[str, dict[float, list[dict[str, float]]]] = {m: {} for m in modes}
     frame_ms: dict[str, dict[str, float]] = {m: {} for m in modes}
+    extra: dict[str, dict[str, float]] = {"seed": {}, "swing_delta": {}, "swing_dense": {}, "activity": {},
+                                          "swing_activity": {}, dense_engine: {}}
     seed_ms: list[float] = []
     with torch.inference_mode():
         for p in pcts:
+            k = f"{float(p):g}"
+            if dense_run is not None:
+                extra[dense_engine][k] = time_dense(dense_run, frames)
             for m in modes:
-                rows, ms, seed = run_pass(net, frames, float(p), m, tick)
-                per[m][float(p)] = rows
-                frame_ms[m][f"{float(p):g}"] = ms
-                seed_ms = seed_ms or seed
+                res = run_pass(net, frames, float(p), m, tick, input_floor, swing)
+                per[m][float(p)] = res["units"]
+                frame_ms[m][k] = res["frame_ms"]
+                seed_ms = seed_ms or res["seed_ms"]
+                if m == modes[0]:
+                    extra["seed"][k] = res["seed_frame_ms"]
+                    extra["activity"][k] = res["activity"]
+                    if res["swing_activity"] is not None:
+                        extra["swing_activity"][k] = res["swing_activity"]
+                if res["swing_frame_ms"] is not None:
+                    extra[f"swing_{m}"][k] = res["swing_frame_ms"]
     set_all_modes(net, "auto")
+    if hasattr(net, "config"):
+        net.config.input_floor = 0.0
     units = []
     for i, g in enumerate(graph):
         points = []
         for p in pcts:
             d = per["delta"][float(p)][i]
-            dense_ms = per["dense"][float(p)][i]["ms"] if "dense" in per else seed_ms[i]
-            points.append({"pct": float(p), "active_in": d["active_in"], "work": d["work"],
-                           "delta_ms": d["ms"], "dense_ms": dense_ms})
+            dn = per["dense"][float(p)][i] if "dense" in per else None
+            point = {"pct": float(p), "active_in": d["active_in"], "work": d["work"],
+                     "delta_ms": d["ms"], "dense_ms": dn["ms"] if dn else seed_ms[i]}
+            if "swing_ms" in d:
+                point.update(swing_work=d["swing_work"], swing_delta_ms=d["swing_ms"],
+                             swing_dense_ms=dn["swing_ms"] if dn else seed_ms[i])
+            points.append(point)
         units.append({**g, "seed_ms": seed_ms[i], "points": points})
     overhead = {m: {f"{float(p):g}": frame_ms[m][f"{float(p):g}"] - sum(r["ms"] for r in per[m][float(p)])
                     for p in pcts} for m in modes}
+    if swing is not None:
+        for m in modes:
+            overhead[f"swing_{m}"] = {f"{float(p):g}": extra[f"swing_{m}"][f"{float(p):g}"]
+                                      - sum(r["swing_ms"] for r in per[m][float(p)]) for p in pcts}
+    frame_ms.update({k: v for k, v in extra.items() if v and "activity" not in k})
     meta = {"frames": len(frames), "dense_mode": "measured" if "dense" in per else "seed frame (no mode API)",
-            "overhead_ms": overhead}
+            "overhead_ms": overhead, "activity": extra["activity"], "swing_activity": extra["swing_activity"],
+            "input_floor": input_floor,
+            "dense_engine": dense_engine if dense_run is not None else None}
     bnd = boundary_costs([g["shape"] for g in graph])
     return Profile(key, fingerprint(), [float(p) for p in pcts], units, bnd, frame_ms, meta)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from deluceva.plan.cost import CostModel
-from deluceva.plan.planner import Plan
+from deluceva.plan.planner import Plan, cycle_ms
 
 
 def _macs(v: int) -> str:
@@ -44,5 +44,12 @@ def totals(model: CostModel, plan: Plan) -> dict[str, float]:
 def totals_line(model: CostModel, plan: Plan) -> str:
     tot = totals(model, plan)
     n_dense = sum(1 for m in plan.modes.values() if m == "dense")
-    return (f"predicted ms/frame: all-dense {tot['all-dense']:.1f}, all-delta {tot['all-delta']:.1f}, "
+    line = (f"predicted ms/frame: all-dense {tot['all-dense']:.1f}, all-delta {tot['all-delta']:.1f}, "
             f"mixed {tot['mixed']:.1f} ({n_dense} of {len(plan.modes)} units dense)")
+    if plan.dense_ms is None:
+        return line + "; no ONNX Runtime timing in this profile"
+    runs = "ONNX Runtime (whole frames)" if plan.kind == "ort" else "the delta network"
+    swing = f", on a frame that changes everywhere {plan.swing_ms:.1f}" if plan.swing_ms is not None else ""
+    return (f"{line}\nONNX Runtime {plan.dense_ms:.1f}, re-seed {plan.seed_ms:.1f}{swing}; with re-seeds "
+            f"{cycle_ms(tot['mixed'], plan.seed_ms or 0.0, int(model.profile.meta.get('frames', 0))):.1f} "
+            f"-> this band runs {runs}")

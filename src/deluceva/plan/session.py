@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from deluceva.errors import DelucevaError
@@ -18,17 +19,32 @@ from deluceva.plan.store import Profile, ProfileKey, default_profile_path, stale
 DEFAULT_VIDEO = Path("assets/video/one-by-one-person-detection.mp4")
 
 
-def decode_frames(detector: Any, hw: tuple[int, int], video: Path, n: int) -> list[torch.Tensor]:
-    """The first `n` frames of `video`, pre-processed for `detector` at input size hw: float32 (1, 3, h, w) each."""
+SWING_GAIN = 1.06  # the profile's synthetic exposure swing: every pixel 6% brighter (real auto-exposure steps
+# on car-detection.mp4 move the mean by ~2-7% per frame)
+
+
+def decode_frames(detector: Any, hw: tuple[int, int], video: Path, n: int, with_swing: bool = False
+                  ) -> list[torch.Tensor]:
+    """The first `n` frames of `video`, pre-processed for `detector` at input size hw: float32 (1, 3, h, w) each.
+    with_swing: append one more tensor, the last frame with its RGB brightened by SWING_GAIN (`swing_frame`)."""
     from deluceva.video import open_source
 
-    frames = []
+    frames, last = [], None
     with open_source(str(video), max_frames=n) as src:
         for f in src:
             frames.append(detector.preprocess(f.rgb, hw)[0])
+            last = f.rgb
     if len(frames) < 2:
         raise DelucevaError(f"profiling needs at least 2 frames, {video} gave {len(frames)}")
+    if with_swing:
+        frames.append(swing_frame(detector, last, hw))
     return frames
+
+
+def swing_frame(detector: Any, rgb: np.ndarray, hw: tuple[int, int], gain: float = SWING_GAIN) -> torch.Tensor:
+    """A full-frame exposure change of a real frame: RGB uint8 (H, W, 3) times `gain`, pre-processed at hw."""
+    bright = np.clip(rgb.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    return detector.preprocess(bright, hw)[0]
 
 
 def profile_model(model: str, imgsz: str | None, threads: int, video: Path = DEFAULT_VIDEO, frames: int = 30,
@@ -39,18 +55,22 @@ def profile_model(model: str, imgsz: str | None, threads: int, video: Path = DEF
     progress(total_steps) -> tick(description): optional progress reporting, one tick per profiled frame.
     """
     from deluceva.convert import convert
+    from deluceva.dense import make_dense
+    from deluceva.engine import EngineConfig
     from deluceva.zoo.registry import load_model
 
     torch.set_num_threads(threads)
     det = load_model(model)
     src_hw = _video_hw(video)
     hw = det.input_hw(imgsz, src_hw)
-    xs = decode_frames(det, hw, video, frames)
+    *xs, swing = decode_frames(det, hw, video, frames, with_swing=True)
     net = convert(det.network, xs[0])
+    ort = make_dense(det.network, hw, threads, "onnxruntime")
     key = ProfileKey(det.name, (int(hw[0]), int(hw[1])), threads)
     tick = progress(len(pcts) * len(MODES) * (len(xs) - 1)) if progress else None
-    prof = profile_network(net, xs, key, pcts, tick)
-    prof.meta["video"] = str(video)
+    floor = float(EngineConfig().input_noise_floor) * float(getattr(det, "input_scale", 1 / 255))
+    prof = profile_network(net, xs, key, pcts, tick, input_floor=floor, swing=swing, dense_run=ort)
+    prof.meta.update(video=str(video), swing_gain=SWING_GAIN)
     path = prof.save(out or default_profile_path(key))
     return prof, path
 
@@ -98,7 +118,7 @@ def resolve_plan(spec: str, key: ProfileKey) -> tuple[PlanSet | str, str]:
         if reasons:
             return "auto", (f"plan: stale profile {path} NOT used ({'; '.join(reasons)}); re-run `deluceva "
                             "profile`; units pick dense/delta by break-even (engine auto)")
-        return make_planset(prof), f"plan: from profile {path}"
+        return make_planset(prof), f"plan: from profile {path}{_no_dense_note(prof)}"
     path = Path(spec)
     if not path.is_file():
         raise DelucevaError(f"--plan must be auto, dense, delta or a plan/profile file; no such file: {spec}")
@@ -115,6 +135,12 @@ def resolve_plan(spec: str, key: ProfileKey) -> tuple[PlanSet | str, str]:
     if reasons:
         raise DelucevaError(f"stale plan/profile {spec}: {'; '.join(reasons)} (re-run `deluceva profile`)")
     return plans, f"plan: from {spec}"
+
+
+def _no_dense_note(prof: Profile) -> str:
+    if prof.meta.get("dense_engine"):
+        return ""
+    return " (it has no ONNX Runtime timing: no dense-engine bands nor swing guard; re-run `deluceva profile`)"
 
 
 def plan_engine(engine: Any, spec: str, source_hw: tuple[int, int]) -> str:

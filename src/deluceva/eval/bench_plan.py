@@ -1,0 +1,227 @@
+"""Mixed-plan benchmark (issue 5): the planned network (plan=auto) vs all units dense, all units delta and the fastest
+dense engine (ONNX Runtime), end to end on the shipped videos.
+
+Per (model, input size, threads, video, filtering percentage) the same decoded frames run through four engines,
+interleaved frame by frame so that load changes on a shared machine hit all of them alike:
+  mixed      Engine(mode=delta, plan=auto): this machine's profile -> plan bands (units | ort) + per-frame guard
+  all-dense  Engine(mode=delta, plan=dense): every unit in its dense (torch) form
+  all-delta  Engine(mode=delta, plan=delta): every unit in its delta form
+  ort        Engine(mode=dense, dense_engine=onnxruntime)
+Time is the engine's per-frame time from decoded frame to detections (pre-processing, network, post-processing).
+Per frame the median over repeats is taken, then mean and median over frames. Predictions: the plan band's
+profile prediction (mean ms per frame incl. re-seeds, or the dense engine's) and the guard's per-frame predictions,
+against the mixed network's measured network time. Exposure swings: frames where nearly everything changes
+(`swing_positions`); per such frame mixed ms / ort ms.
+A missing or stale profile is made first (`deluceva profile` defaults, on the person video).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from deluceva.engine import Engine, EngineConfig
+from deluceva.eval.metrics import weighted_ap50
+from deluceva.plan import CostModel, ProfileKey, make_planset
+from deluceva.plan.session import DEFAULT_VIDEO, find_profile, profile_model
+from deluceva.plan.store import Profile, default_profile_path
+from deluceva.video import open_source
+from deluceva.zoo.base import Detections
+from deluceva.zoo.registry import load_model
+
+ENGINES = ("mixed", "all-dense", "all-delta", "ort")
+SWING_LEVEL, SWING_SHARE = 3.0, 0.3  # exposure-swing frames: >= 30% of pixels change by > 3 grey levels (on
+# car-detection.mp4 typically 0.05% of pixels change by more than 3 levels between frames, 30-96% in its swings)
+
+
+def decode(video: Path, frames: int, start: float = 0.0) -> list[Any]:
+    """`frames` consecutive decoded frames of `video` from `start` seconds."""
+    with open_source(str(video), start=start, max_frames=frames) as src:
+        return list(src)
+
+
+def swing_positions(clip: Sequence[Any], level: float = SWING_LEVEL, share: float = SWING_SHARE) -> list[int]:
+    """Positions in `clip` where nearly everything changes: at least `share` of the pixels differ from the previous
+    frame by more than `level` grey levels (max over channels)."""
+    out = []
+    for i in range(1, len(clip)):
+        d = np.abs(clip[i].rgb.astype(np.int16) - clip[i - 1].rgb.astype(np.int16)).max(axis=2)
+        if (d > level).mean() >= share:
+            out.append(i)
+    return out
+
+
+def ensure_profile(model: str, imgsz: str | None, threads: int, frames: int, reprofile: bool, console: Console,
+                   progress_factory: Any) -> Profile:
+    """This machine's fresh profile for (model, size, threads) from the default cache; made when missing or stale."""
+    det = load_model(model)
+    with open_source(str(DEFAULT_VIDEO), max_frames=1) as src:
+        hw = det.input_hw(imgsz, src.source_hw)
+    key = ProfileKey(det.name, (int(hw[0]), int(hw[1])), threads)
+    prof, reasons = find_profile(key)
+    if prof is not None and not reasons and not reprofile and prof.meta.get("dense_engine"):
+        return prof
+    with progress_factory(transient=True) as bar:
+        def start(total: int):  # noqa: ANN202
+            task = bar.add_task(f"profile {model} {hw[1]}x{hw[0]} t{threads}", total=total, rate="")
+            return lambda desc: bar.update(task, advance=1, rate=desc)
+
+        prof, path = profile_model(model, imgsz, threads, DEFAULT_VIDEO, frames, out=default_profile_path(key),
+                                   progress=start)
+    console.print(f"profiled {model} {hw[1]}x{hw[0]} {threads} thread(s): {path}")
+    return prof
+
+
+def _engines(det: Any, imgsz: str | None, threads: int, pct: float, ort: Engine) -> dict[str, Engine]:
+    def delta(plan: str) -> Engine:
+        return Engine(det, EngineConfig(mode="delta", imgsz=imgsz, threads=threads, filter_pct=pct, plan=plan))
+
+    return {"mixed": delta("auto"), "all-dense": delta("dense"), "all-delta": delta("delta"), "ort": ort}
+
+
+def run_cell(det: Any, clip: Sequence[Any], imgsz: str | None, threads: int, pct: float, repeats: int,
+             ort: Engine, tick: Any = None) -> dict[str, Any]:
+    """Interleaved runs of the four engines over `clip` at `pct`; per engine per frame ms (median over repeats),
+    the mixed engine's per-frame info (first repeat) and detections (first repeat)."""
+    ms: dict[str, list[list[float]]] = {e: [[] for _ in clip] for e in ENGINES}
+    info: list[dict[str, Any]] = []
+    dets: dict[str, list[Detections]] = {e: [] for e in ENGINES}
+    for r in range(repeats):
+        engines = _engines(det, imgsz, threads, pct, ort)
+        for eng in engines.values():
+            eng.ensure_prepared(clip[0].rgb.shape[:2])
+        for i, f in enumerate(clip):
+            for name, eng in engines.items():
+                rec = eng.process(f)
+                ms[name][i].append(rec["ms"])
+                if r == 0:
+                    dets[name].append(Detections.from_records(rec["detections"]))
+                    if name == "mixed":
+                        info.append({**getattr(eng, "last_plan_info", {}), "mode": rec["mode"], "ms": rec["ms"]})
+            if tick:
+                tick()
+    per_frame = {e: [statistics.median(v) for v in ms[e]] for e in ENGINES}
+    return {"per_frame": per_frame, "info": info, "dets": dets,
+            "note": engines["mixed"].plan_note}
+
+
+def summarise(cell: dict[str, Any], clip: Sequence[Any], cost: CostModel, pct: float) -> dict[str, Any]:
+    """Row of the result table from one cell (see module docs)."""
+    pf, info = cell["per_frame"], cell["info"]
+    steady = slice(1, None)  # frame 0 seeds every delta engine (and warms ONNX Runtime's caches)
+    mean = {e: statistics.fmean(pf[e][steady]) for e in ENGINES}
+    med = {e: statistics.median(pf[e][steady]) for e in ENGINES}
+    others = [e for e in ENGINES if e != "mixed"]
+    plans = make_planset(cost.profile)
+    band = plans.for_pct(pct)
+    net = [i["net_ms"] for i in info[steady]]
+    pred = [i["predicted_ms"] for i in info[steady] if i.get("predicted_ms") is not None]
+    # ONNX Runtime's network time: its end-to-end time minus pre/post-processing (the same in the mixed engine)
+    ort_net = mean["ort"] - statistics.fmean(i["ms"] - i["net_ms"] for i in info[steady])
+    rel = None  # prediction relative to ONNX Runtime (cancels the load difference between profiling and now)
+    if band.dense_ms:
+        rel = (band.predicted_ms / band.dense_ms) / (statistics.fmean(net) / ort_net)
+    swings = swing_positions(clip)
+    sw_ratio = [pf["mixed"][i] / pf["ort"][i] for i in swings]
+    ref = cell["dets"]["ort"]
+    return {
+        "filter_pct": pct, "frames": len(clip),
+        "ms_mean": mean, "ms_median": med,
+        "ratio_mean": mean["mixed"] / min(mean[e] for e in others),
+        "ratio_median": med["mixed"] / min(med[e] for e in others),
+        "band": {"kind": band.kind, "pct": band.pct, "predicted_ms": band.predicted_ms, "delta_ms": band.delta_ms,
+                 "dense_ms": band.dense_ms},
+        "mixed_net_ms_mean": statistics.fmean(net),
+        "pred_plan_over_measured": band.predicted_ms / statistics.fmean(net),
+        "pred_frames_over_measured": (statistics.fmean(pred) / statistics.fmean(net[-len(pred):])) if pred else None,
+        "pred_rel_ort_over_measured": rel, "ort_net_ms_mean": ort_net,
+        "predicted_uniform_ms": {"all-dense": cost.predict(cost.uniform("dense"), pct),
+                                 "all-delta": cost.predict(cost.uniform("delta"), pct),
+                                 "ort": cost.dense_engine_ms()},
+        "decisions": dict(Counter(i["decision"] for i in info)),
+        "swing_frames": len(swings),
+        "swing_ratio_max": max(sw_ratio) if sw_ratio else None,
+        "swing_ratio_mean": statistics.fmean(sw_ratio) if sw_ratio else None,
+        "swing_over_1p1": sum(1 for v in sw_ratio if v > 1.1),
+        "map50_vs_ort": {e: weighted_ap50(ref, cell["dets"][e]) for e in ("mixed", "all-delta")},
+        "per_frame": {"index": [int(f.index) for f in clip], **{e: [round(v, 2) for v in pf[e]] for e in ENGINES},
+                      "decision": [i["decision"] for i in info],
+                      "activity": [None if i.get("activity") is None else round(i["activity"], 4) for i in info],
+                      "predicted_ms": [None if i.get("predicted_ms") is None else round(i["predicted_ms"], 2)
+                                       for i in info],
+                      "net_ms": [round(i["net_ms"], 2) for i in info], "swings": swings},
+    }
+
+
+def run_plan_benchmark(models: list[str], sizes: list[str], threads_list: list[int], filters: list[float],
+                       videos: list[Path], frames: int, start: float, repeats: int, profile_frames: int,
+                       reprofile: bool, out: Path, console: Console, progress_factory: Any) -> dict[str, Any]:
+    """Run the benchmark matrix; print the table; write JSON to `out` (per-frame series included)."""
+    rows: list[dict[str, Any]] = []
+    clips = {v: decode(v, frames, start) for v in videos}
+    for model in models:
+        det = load_model(model)
+        for size in sizes:
+            imgsz = None if size in ("", "default") else size
+            for threads in threads_list:
+                torch.set_num_threads(threads)
+                prof = ensure_profile(model, imgsz, threads, profile_frames, reprofile, console, progress_factory)
+                cost = CostModel(prof)
+                with progress_factory() as bar:
+                    total = len(videos) * len(filters) * repeats * frames
+                    task = bar.add_task(f"{model} {size} t{threads}", total=total, rate="")
+                    for video, clip in clips.items():
+                        ort = Engine(det, EngineConfig(mode="dense", imgsz=imgsz, threads=threads,
+                                                       dense_engine="onnxruntime"))
+                        hw = ort.input_hw_for(clip[0].rgb.shape[:2])
+                        for pct in filters:
+                            cell = run_cell(det, clip, imgsz, threads, pct, repeats, ort,
+                                            lambda t=task: bar.update(t, advance=1))
+                            row = {"model": model, "imgsz": f"{hw[1]}x{hw[0]}", "threads": threads,
+                                   "video": video.name, **summarise(cell, clip, cost, pct), "plan": cell["note"]}
+                            rows.append(row)
+    _print_table(rows, console)
+    meta = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "time": "engine ms per frame: pre-processing + network + post-processing; per frame median over "
+                    "repeats; frame 0 (seeding) excluded from means/medians", "repeats": repeats, "start_s": start,
+            "swing": {"level": SWING_LEVEL, "share": SWING_SHARE}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    console.print(f"wrote {out}")
+    return {"meta": meta, "rows": rows}
+
+
+def _f(v: float | None, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _print_table(rows: list[dict[str, Any]], console: Console) -> None:
+    t = Table(title="Mixed plan vs all-dense, all-delta and ONNX Runtime (ort), end to end, ms/frame mean over "
+                    "frames; mix/min = mixed / min(others) by mean (by median); pred/meas: the plan band's predicted "
+                    "network ms / measured (rel. ORT: both as ratios to ONNX Runtime's); swing max: worst mixed/ort "
+                    "on exposure-swing frames; o/r/d: mixed frames on ONNX Runtime / re-seeds / delta; mAP@0.5 vs "
+                    "ONNX Runtime")
+    cols = ("model", "size", "thr", "video", "n", "filter", "band", "ort", "dense", "delta", "mixed",
+            "mix/min", "(median)", "pred/meas", "rel. ORT", "swing max", "o/r/d", "mAP mix", "mAP delta")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for r in rows:
+        m, d = r["ms_mean"], r["decisions"]
+        flag = "[red]" if r["ratio_mean"] > 1.05 else ""
+        t.add_row(r["model"], r["imgsz"], str(r["threads"]), r["video"][:8], str(r["frames"]), f"{r['filter_pct']:g}",
+                  r["band"]["kind"], *(_f(m[e]) for e in ("ort", "all-dense", "all-delta", "mixed")),
+                  f"{flag}{r['ratio_mean']:.2f}", f"{r['ratio_median']:.2f}", _f(r["pred_plan_over_measured"], ".2f"),
+                  _f(r["pred_rel_ort_over_measured"], ".2f"), _f(r["swing_ratio_max"], ".2f"),
+                  f"{d.get('ort', 0)}/{d.get('reseed', 0)}/{d.get('delta', 0)}", _f(r["map50_vs_ort"]["mixed"], ".2f"),
+                  _f(r["map50_vs_ort"]["all-delta"], ".2f"))
+    console.print(t)

@@ -1,0 +1,195 @@
+"""Per-frame guard of a mixed plan: per frame, run the delta network, re-seed it, or run the frame on the dense
+engine (ONNX Runtime) — whichever is predicted cheapest over the next frames.
+
+Signals, all cheap: the frame's input activity `a` (fraction of pixels whose max-over-channels change since the
+previous frame exceeds the input noise floor; `activity`, ~0.3 ms), the measured times of recent delta frames, of
+the dense engine and of seeding frames.
+
+Predicted delta-frame ms = recent measured delta ms (median of the last 3; the profile's calm cost before any) plus
+the activity bump `DeltaCost(a) - DeltaCost.calm_ms`: the profile's cost rises linearly from its typical activity a0
+through the cost it measured on a synthetic exposure swing (the last profile frame 6% brighter) at that frame's
+activity. Rules (`FrameGuard.decide`):
+
+- swing: a frame predicted above `limit` (1.1) x the dense engine runs there ("ort"); one predicted between 1x and
+  1.1x does so once the excess paid over the dense engine since the last cheap frames exceeds a re-seed's extra
+  cost (ski rental: moving throws the delta state away). The delta state goes stale and the network is refreshed.
+  While the scene keeps changing (activity above `calm_activity`: twice the lower quartile of recent delta frames'
+  activity, at least 0.1) the guard stays there, so a sustained exposure swing costs dense-engine frames and one
+  re-seed when it calms ("reseed": a dense seeding frame, about 2-4x the dense engine), taken only when the saving
+  over the next `horizon` frames pays for it.
+- backlog: with filtering > 0 the residuals the filters hold back accumulate and delta frames grow more expensive
+  over time since the last seed. Renewal rule: when the recent delta ms exceed the mean ms per frame of the
+  current cycle (the seeding frame plus the delta frames since), re-seed on the next calm frame (this minimises
+  the long-run mean for costs that grow with time). A calm frame predicted above the dense engine also re-seeds
+  when that pays. Re-seeds are never taken on frames that are not calm.
+- repeated losses: when the delta network is measured slower than the dense engine within a few frames of a
+  re-seed, the cycle is lost: the guard moves to the dense engine and the minimum stay there (after which it probes
+  with a re-seed) doubles, up to 256 frames, so content the delta network cannot win on does not thrash.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from statistics import median
+
+import torch
+
+DECISIONS = ("delta", "ort", "reseed")
+
+
+def activity(x: torch.Tensor, prev: torch.Tensor, floor: float, step: int = 2) -> float:
+    """Fraction of pixels (sampled every `step` rows and columns) whose max-over-channels |x - prev| exceeds
+    `floor` (network input units). x, prev: (N, C, H, W) of the same shape; vectorised, ~0.3 ms at 768x448."""
+    a = x[..., ::step, ::step]
+    b = prev[..., ::step, ::step]
+    return float(((a - b).abs().amax(1) > floor).float().mean())
+
+
+@dataclass
+class DeltaCost:
+    """Predicted ms of one delta frame as a function of input activity: `calm_ms` up to activity `a0` (the profile
+    clip's mean), through `swing_ms` at `a_swing` (the profile's exposure-swing frame), linear (extrapolated up to
+    a = 1) in between and beyond."""
+
+    calm_ms: float
+    swing_ms: float
+    a0: float
+    a_swing: float = 1.0
+
+    def __call__(self, a: float) -> float:
+        if a <= self.a0 or self.a_swing <= self.a0:
+            return self.calm_ms
+        s = (min(a, 1.0) - self.a0) / (self.a_swing - self.a0)
+        return self.calm_ms + s * max(0.0, self.swing_ms - self.calm_ms)
+
+    def scaled(self, k: float) -> DeltaCost:
+        """The same model with times multiplied by k (e.g. this machine's load vs the profile's)."""
+        return DeltaCost(self.calm_ms * k, self.swing_ms * k, self.a0, self.a_swing)
+
+
+@dataclass
+class FrameGuard:
+    """Per-frame choice between the delta network, a re-seed and the dense engine (see module docs).
+
+    cost: profile prediction of delta-frame ms by activity; ort_ms / seed_ms: initial dense-engine and seeding-frame
+    ms, then running medians of measured times. limit: a frame predicted above limit x the dense engine's ms runs
+    there; between 1x and limit x it stays on the delta network until the excess paid over the dense engine
+    reaches a re-seed's extra cost (ski rental: leaving throws the state away). horizon: frames over which a
+    re-seed must pay for itself. min_stay: initial minimum number of frames on the dense engine after moving there.
+    calm_floor: frames up to this activity always count as calm (people moving close to the camera are not a
+    swing). renew: apply the renewal rule (re-seed when the backlog makes it pay).
+    """
+
+    cost: DeltaCost
+    ort_ms: float
+    seed_ms: float
+    limit: float = 1.1
+    horizon: int = 10
+    min_stay: int = 2
+    min_cycle: int = 4
+    calm_floor: float = 0.1
+    renew: bool = True
+    state: str = "delta"
+    stay: int = 0
+    backoff: int = 0
+    _reseed_next: bool = False
+    _lost: bool = False
+    _excess: float = 0.0
+    _cycle_ms: float = 0.0
+    _cycle_n: int = 0
+    _ort: deque = field(default_factory=lambda: deque(maxlen=15))
+    _seed: deque = field(default_factory=lambda: deque(maxlen=5))
+    _recent: deque = field(default_factory=lambda: deque(maxlen=3))
+    _acts: deque = field(default_factory=lambda: deque(maxlen=101))
+
+    def __post_init__(self) -> None:
+        self.backoff = self.backoff or self.min_stay
+
+    # -- estimates ---------------------------------------------------------------------------------------------
+    @property
+    def ort(self) -> float:
+        return median(self._ort) if self._ort else self.ort_ms
+
+    @property
+    def seed(self) -> float:
+        return median(self._seed) if self._seed else self.seed_ms
+
+    @property
+    def calm_activity(self) -> float:
+        """Activity up to which a frame counts as calm: twice the lower quartile of the last 101 delta frames'
+        activity (at least that + 0.03, and at least `calm_floor`; the profile's activity until delta frames have
+        been seen). The quartile stays at the scene's calm level through swings shorter than ~75 frames."""
+        acts = sorted(self._acts)
+        ref = acts[len(acts) // 4] if acts else self.cost.a0
+        return max(2.0 * ref, ref + 0.03, self.calm_floor)
+
+    def delta_ms(self, a: float) -> float:
+        """Predicted ms of a delta frame of activity `a` from the current state."""
+        base = median(self._recent) if self._recent else self.cost.calm_ms
+        return base + self.cost(a) - self.cost.calm_ms
+
+    def predict(self, decision: str, a: float | None) -> float:
+        """Predicted ms of this frame run as `decision`."""
+        if decision == "delta":
+            return self.delta_ms(self.cost.a0 if a is None else a)
+        return self.ort if decision == "ort" else self.seed
+
+    def reseed_pays(self, a: float) -> bool:
+        """Whether a re-seed pays now: fresh delta frames (the profile's calm cost) save more than the seed's extra
+        cost over the dense engine within `horizon` frames."""
+        return (self.ort - self.cost(a)) * self.horizon > self.seed - self.ort
+
+    # -- decisions ---------------------------------------------------------------------------------------------
+    def decide(self, a: float) -> str:
+        """'delta' | 'ort' | 'reseed' for a frame of input activity `a` (the caller runs it and calls observe)."""
+        calm = a <= self.calm_activity
+        if self.state == "delta":
+            pred = self.delta_ms(a)
+            over = pred > self.limit * self.ort  # never run a frame above the limit on the delta network
+            rent = pred > self.ort and self._excess + pred - self.ort > self.seed - self.ort  # ski rental
+            if over or rent:
+                if calm and not self._lost and self.reseed_pays(a):  # backlog: a fresh state will be cheap
+                    return self._reseed()
+                self._to_ort(self.min_stay)  # swing, or this cycle lost from its start: probe again later
+                return "ort"
+            if self._reseed_next and calm:
+                return self._reseed()
+            self._acts.append(a)
+            return "delta"
+        if self.stay > 0:
+            self.stay -= 1
+            return "ort"
+        if calm and self.reseed_pays(a):
+            return self._reseed()
+        return "ort"
+
+    def observe(self, decision: str, ms: float) -> None:
+        """Feed back the measured network ms of a frame run as `decision` (a delta network call that ran dense,
+        e.g. its first frame, is a 'reseed')."""
+        if decision == "ort":
+            self._ort.append(ms)
+        elif decision == "reseed":
+            self._seed.append(ms)
+            self.state, self._reseed_next = "delta", False
+            self._cycle_ms, self._cycle_n, self._lost, self._excess = ms, 1, False, 0.0
+            self._recent.clear()
+        elif decision == "delta":
+            self._recent.append(ms)
+            self._cycle_ms += ms
+            self._cycle_n += 1
+            self._excess = max(0.0, self._excess + ms - self.ort)
+            recent = median(self._recent)
+            if self.renew and self._cycle_n > self.min_cycle and recent > self._cycle_ms / self._cycle_n:
+                self._reseed_next = True
+            if len(self._recent) >= 2 and min(self._recent) > self.ort and self._cycle_n <= 8 and not self._lost:
+                self.backoff, self._lost = min(self.backoff * 2, 256), True  # lost right after a re-seed
+            elif self._cycle_n > 30:
+                self.backoff = self.min_stay
+
+    def _reseed(self) -> str:
+        self.state = "delta"
+        return "reseed"
+
+    def _to_ort(self, stay: int) -> None:
+        self.state, self.stay = "ort", max(stay, self.backoff)
