@@ -125,18 +125,16 @@ class ElementwiseUnit(Unit):
         if self.state.rows:
             if not isinstance(d, PixelDelta):
                 d = pixels_from_dense(d)
-            z_old, z_new = self.state.update(d.index, d.values)
-            return emit(d.index, self.f(z_new) - self.f(z_old), self.out_shape, self.prune)
-        z_old, z_new = self.state.update_dense(to_dense(d, self.out_shape))
-        return self.f(z_new) - self.f(z_old)
+            return emit(d.index, self.state.step(d.index, d.values, self.f, self.config.exact), self.out_shape,
+                        self.prune)
+        return self.state.step_dense(to_dense(d, self.out_shape), self.f, self.config.exact)
 
     def dense_call(self, d: Delta) -> Delta:
         """Same Δy as `__call__`, computed on every row."""
         if not self.state.rows:
             return self(d)
         rows = d.to_rows() if isinstance(d, PixelDelta) else pixels_from_dense(d).to_rows()
-        z_old, z_new = self.state.update_all(rows)
-        return emit_all(self.f(z_new) - self.f(z_old), self.out_shape)
+        return emit_all(self.state.step_all(rows, self.f, self.config.exact), self.out_shape)
 
 
 @register(*functions(*ops.ELEMENTWISE, operator.pow), accepts=is_elementwise)

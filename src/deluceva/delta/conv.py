@@ -208,9 +208,7 @@ class ConvUnit(Unit):
             return None
         if self.act_node is None:
             return dz
-        z_old, z_new = self.state.update(idx, dz.values)
-        f = self.f
-        return emit(idx, f(z_new) - f(z_old), dz.shape, self.prune)
+        return emit(idx, self.state.step(idx, dz.values, self.f, self.config.exact), dz.shape, self.prune)
 
     def dense_call(self, d: Delta) -> Delta:
         """Same Δy as `__call__`, computed as a dense conv of the densified delta."""
@@ -224,8 +222,7 @@ class ConvUnit(Unit):
         rows = dz.permute(0, 2, 3, 1).reshape(n * h * w, c)
         if self.act_node is None:
             return emit_all(rows, self.out_shape)
-        z_old, z_new = self.state.update_all(rows)
-        return emit_all(self.f(z_new) - self.f(z_old), self.out_shape)
+        return emit_all(self.state.step_all(rows, self.f, self.config.exact), self.out_shape)
 
 
 def _static_params(node: fx.Node, ctx: BuildContext) -> bool:

@@ -65,10 +65,8 @@ class LinearUnit(Unit):
             pd = pixels_from_dense(dz)
             if not pd.active:
                 return None
-            z_old, z_new = self.state.update(pd.index, pd.values)
-            return PixelDelta(pd.index, self.f(z_new) - self.f(z_old), pd.shape)
-        z_old, z_new = self.state.update_dense(dz)
-        return self.f(z_new) - self.f(z_old)
+            return PixelDelta(pd.index, self.state.step(pd.index, pd.values, self.f, self.config.exact), pd.shape)
+        return self.state.step_dense(dz, self.f, self.config.exact)
 
 
 def _static_weights(node: fx.Node, ctx: BuildContext) -> bool:
