@@ -5,10 +5,10 @@ Signals, all cheap: the frame's input activity `a` (fraction of pixels whose max
 previous frame exceeds the input noise floor; `activity`, ~0.3 ms), the measured times of recent delta frames, of
 the dense engine and of seeding frames.
 
-Predicted delta-frame ms = recent measured delta ms (median of the last 3; the profile's calm cost before any) plus
-the activity bump `DeltaCost(a) - DeltaCost.calm_ms`: the profile's cost rises linearly from its typical activity a0
-through the cost it measured on a synthetic exposure swing (the last profile frame 6% brighter) at that frame's
-activity. Rules (`FrameGuard.decide`):
+Predicted delta-frame ms = recent measured delta ms (median of the last 3) plus the activity bump
+`DeltaCost(a) - DeltaCost(a_recent)` (their median activity; no bump below it; the profile's `DeltaCost(a)` before
+any delta frame): the profile's cost rises linearly from its typical activity a0 through the cost it measured on a
+synthetic exposure swing (the last profile frame 6% brighter) at that frame's activity. Rules (`FrameGuard.decide`):
 
 - swing: a frame predicted above `limit` (1.1) x the dense engine runs there ("ort"); one predicted between 1x and
   1.1x does so once the excess paid over the dense engine since the last cheap frames exceeds a re-seed's extra
@@ -19,9 +19,9 @@ activity. Rules (`FrameGuard.decide`):
   over the next `horizon` frames pays for it.
 - backlog: with filtering > 0 the residuals the filters hold back accumulate and delta frames grow more expensive
   over time since the last seed. Renewal rule: when the recent delta ms exceed the mean ms per frame of the
-  current cycle (the seeding frame plus the delta frames since), re-seed on the next calm frame (this minimises
-  the long-run mean for costs that grow with time). A calm frame predicted above the dense engine also re-seeds
-  when that pays. Re-seeds are never taken on frames that are not calm.
+  current cycle (the seeding frame plus the delta frames since) by 10% (timing noise), re-seed on the next calm
+  frame (this minimises the long-run mean for costs that grow with time). A calm frame predicted above the dense
+  engine also re-seeds when that pays. Re-seeds are never taken on frames that are not calm.
 - repeated losses: when the delta network is measured slower than the dense engine within a few frames of a
   re-seed, the cycle is lost: the guard moves to the dense engine and the minimum stay there (after which it probes
   with a re-seed) doubles, up to 256 frames, so content the delta network cannot win on does not thrash.
@@ -96,6 +96,7 @@ class FrameGuard:
     _reseed_next: bool = False
     _lost: bool = False
     _excess: float = 0.0
+    _last_a: float = 0.0
     _cycle_ms: float = 0.0
     _cycle_n: int = 0
     _ort: deque = field(default_factory=lambda: deque(maxlen=15))
@@ -125,9 +126,12 @@ class FrameGuard:
         return max(2.0 * ref, ref + 0.03, self.calm_floor)
 
     def delta_ms(self, a: float) -> float:
-        """Predicted ms of a delta frame of activity `a` from the current state."""
-        base = median(self._recent) if self._recent else self.cost.calm_ms
-        return base + self.cost(a) - self.cost.calm_ms
+        """Predicted ms of a delta frame of activity `a` from the current state: the recent delta frames' median ms
+        plus the profile's extra cost of `a` over their median activity (none when `a` is lower)."""
+        if not self._recent:
+            return self.cost(a)
+        base = median(ms for ms, _ in self._recent)
+        return base + max(0.0, self.cost(a) - self.cost(median(x for _, x in self._recent)))
 
     def predict(self, decision: str, a: float | None) -> float:
         """Predicted ms of this frame run as `decision`."""
@@ -156,6 +160,7 @@ class FrameGuard:
             if self._reseed_next and calm:
                 return self._reseed()
             self._acts.append(a)
+            self._last_a = a
             return "delta"
         if self.stay > 0:
             self.stay -= 1
@@ -175,14 +180,15 @@ class FrameGuard:
             self._cycle_ms, self._cycle_n, self._lost, self._excess = ms, 1, False, 0.0
             self._recent.clear()
         elif decision == "delta":
-            self._recent.append(ms)
+            self._recent.append((ms, self._last_a))
             self._cycle_ms += ms
             self._cycle_n += 1
             self._excess = max(0.0, self._excess + ms - self.ort)
-            recent = median(self._recent)
-            if self.renew and self._cycle_n > self.min_cycle and recent > self._cycle_ms / self._cycle_n:
+            recent = median(m for m, _ in self._recent)
+            if self.renew and self._cycle_n > self.min_cycle and recent > 1.1 * self._cycle_ms / self._cycle_n:
                 self._reseed_next = True
-            if len(self._recent) >= 2 and min(self._recent) > self.ort and self._cycle_n <= 8 and not self._lost:
+            if len(self._recent) >= 2 and min(m for m, _ in self._recent) > self.ort and self._cycle_n <= 8 \
+                    and not self._lost:
                 self.backoff, self._lost = min(self.backoff * 2, 256), True  # lost right after a re-seed
             elif self._cycle_n > 30:
                 self.backoff = self.min_stay
