@@ -22,27 +22,12 @@ try:
     import numba
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def _update_nb(z, idx, d):  # pragma: no cover - compiled
-        """z[idx] += d; returns (z_old, z_new) at idx in d's dtype (allocated here: no per-call torch buffers)."""
+    def _update_nb(z, idx, d, like):  # pragma: no cover - compiled
+        """z[idx] += d; returns (z_old, z_new) at idx in like's dtype (d's: the working dtype, or z's: the
+        accumulation dtype), allocated here: no per-call torch buffers."""
         a, c = d.shape
-        old_out = np.empty((a, c), d.dtype)
-        new_out = np.empty((a, c), d.dtype)
-        for i in range(a):
-            r = idx[i]
-            for j in range(c):
-                o = z[r, j]
-                n = o + d[i, j]
-                z[r, j] = n
-                old_out[i, j] = o
-                new_out[i, j] = n
-        return old_out, new_out
-
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def _update_nb_acc(z, idx, d):  # pragma: no cover - compiled
-        """z[idx] += d; returns (z_old, z_new) at idx in z's (the accumulation) dtype."""
-        a, c = d.shape
-        old_out = np.empty((a, c), z.dtype)
-        new_out = np.empty((a, c), z.dtype)
+        old_out = np.empty((a, c), like.dtype)
+        new_out = np.empty((a, c), like.dtype)
         for i in range(a):
             r = idx[i]
             for j in range(c):
@@ -80,7 +65,8 @@ class RowState:
         `precise`)."""
         out = self.z.dtype if precise else self.dtype
         if self._nb and d.dtype == self.dtype and d.is_contiguous() and idx.dtype == torch.int64:
-            old, new = (_update_nb_acc if precise else _update_nb)(self._z_np, idx.numpy(), d.numpy())
+            dn = d.numpy()
+            old, new = _update_nb(self._z_np, idx.numpy(), dn, self._z_np if precise else dn)
             return torch.from_numpy(old), torch.from_numpy(new)
         old = self.z.index_select(0, idx)
         new = old + d
