@@ -75,10 +75,7 @@ def export_onnx(network: nn.Module, input_hw: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def onnxruntime_session(onnx_model: bytes | str, threads: int, spinning: bool = True):
-    """An ONNX Runtime CPU session: sequential, `threads` intra-op threads. spinning=False stops its worker threads
-    from busy-waiting after each run: with more than one thread, a session that shares the process with PyTorch's
-    thread pool (the mixed engine) otherwise takes the cores PyTorch's next operators need, and vice versa."""
+def onnxruntime_session(onnx_model: bytes | str, threads: int):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -87,14 +84,11 @@ def onnxruntime_session(onnx_model: bytes | str, threads: int, spinning: bool = 
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
 
 
-def onnxruntime_run(network: nn.Module, input_hw: tuple[int, int], threads: int, spinning: bool = True
-                    ) -> DenseRun:
-    sess = onnxruntime_session(export_onnx(network, input_hw), threads, spinning)
+def onnxruntime_run(network: nn.Module, input_hw: tuple[int, int], threads: int) -> DenseRun:
+    sess = onnxruntime_session(export_onnx(network, input_hw), threads)
     name = sess.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -104,13 +98,11 @@ def onnxruntime_run(network: nn.Module, input_hw: tuple[int, int], threads: int,
     return run
 
 
-def make_dense(network: nn.Module, input_hw: tuple[int, int], threads: int = 1, engine: str = "auto",
-               spinning: bool = True) -> DenseRun:
-    """A dense executor of `network` at `input_hw`; engine "auto" = ONNX Runtime (the fastest measured here).
-    spinning=False: ONNX Runtime's threads do not busy-wait between runs (for processes that also run PyTorch)."""
+def make_dense(network: nn.Module, input_hw: tuple[int, int], threads: int = 1, engine: str = "auto") -> DenseRun:
+    """A dense executor of `network` at `input_hw`; engine "auto" = ONNX Runtime (the fastest measured here)."""
     engine = "onnxruntime" if engine == "auto" else engine
     if engine == "onnxruntime":
-        return onnxruntime_run(network, input_hw, threads, spinning)
+        return onnxruntime_run(network, input_hw, threads)
     if engine == "torchscript":
         return torchscript_frozen(network, input_hw, threads)
     if engine == "torch-cl":

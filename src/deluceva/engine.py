@@ -105,9 +105,8 @@ class Engine:
         self._x_prev: torch.Tensor | None = None
         self._dense_ms: float | None = None
         if isinstance(self._plans, PlanSet) and self._plans.uses_dense_engine:
-            if hw not in self._dense:  # shares the process with the delta network's PyTorch threads: no spinning
-                self._dense[hw] = make_dense(self.detector.network, hw, self.config.threads, self.config.dense_engine,
-                                             spinning=False)
+            if hw not in self._dense:
+                self._dense[hw] = make_dense(self.detector.network, hw, self.config.threads, self.config.dense_engine)
             run, x0, ms = self._dense[hw], torch.zeros(1, 3, *hw), []
             for _ in range(6):  # this machine's dense-engine time now (the profile's may be from a busier moment)
                 t0 = time.perf_counter()

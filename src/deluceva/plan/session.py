@@ -65,7 +65,7 @@ def profile_model(model: str, imgsz: str | None, threads: int, video: Path = DEF
     hw = det.input_hw(imgsz, src_hw)
     *xs, swing = decode_frames(det, hw, video, frames, with_swing=True)
     net = convert(det.network, xs[0])
-    ort = make_dense(det.network, hw, threads, "onnxruntime", spinning=False)  # as the engine's mixed path runs it
+    ort = make_dense(det.network, hw, threads, "onnxruntime")
     key = ProfileKey(det.name, (int(hw[0]), int(hw[1])), threads)
     tick = progress(len(pcts) * len(MODES) * (len(xs) - 1)) if progress else None
     floor = float(EngineConfig().input_noise_floor) * float(getattr(det, "input_scale", 1 / 255))
