@@ -199,6 +199,16 @@ class Engine:
             return "reseed", act, guard
         return guard.decide(act), act, guard  # type: ignore[arg-type]
 
+    def share_dense_engine(self, other: Engine) -> None:
+        """Run dense frames on `other`'s dense executors (one ONNX Runtime session and thread pool per input size for
+        both engines): two sessions' worker threads busy-waiting on the same cores slow each other down."""
+        def kind(e: Engine) -> str:
+            return "onnxruntime" if e.config.dense_engine == "auto" else e.config.dense_engine
+
+        if other.config.threads != self.config.threads or kind(other) != kind(self):
+            raise ValueError("share_dense_engine: the engines differ in threads or dense engine")
+        self._dense = other._dense
+
     def infer(self, rgb: np.ndarray) -> tuple[Detections, str]:
         """Detections for one RGB frame and the mode it actually ran in (dense|delta|refresh).
 
