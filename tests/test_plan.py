@@ -316,3 +316,17 @@ def test_guard_rents_slightly_slower_frames_before_throwing_the_state_away():
     guard.observe("reseed", 150.0)
     guard.observe("delta", 60.0)  # 1.2x: over the per-frame limit
     assert guard.decide(busy) == "ort"
+
+
+def test_engines_share_one_dense_session_only_when_they_run_it_alike(setup):
+    from deluceva.engine import Engine, EngineConfig
+
+    det = setup[0]
+    ort = Engine(det, EngineConfig(mode="dense", imgsz="224x128", threads=1, dense_engine="onnxruntime"))
+    mixed = Engine(det, EngineConfig(mode="delta", imgsz="224x128", threads=1, plan="dense"))
+    mixed.share_dense_engine(ort)  # "auto" is ONNX Runtime
+    ort.ensure_prepared((128, 224))
+    assert mixed._dense is ort._dense and len(mixed._dense) == 1
+    other = Engine(det, EngineConfig(mode="delta", imgsz="224x128", threads=1, dense_engine="torch"))
+    with pytest.raises(ValueError, match="differ in threads or dense engine"):
+        other.share_dense_engine(ort)
