@@ -91,13 +91,10 @@ def _compare(a, b, conf_threshold: float) -> str:
     return "different" if _same(clear_a, clear_b) == "different" else "tie"
 
 
-def _zoo_cases() -> list:
-    return [pytest.param(m, s, v, id=f"{m}-{s}-{v}")
-            for m in ZOO for s in SIZES for v in VIDEOS]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(("model", "size", "video"), _zoo_cases())
+@pytest.mark.parametrize("video", VIDEOS)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("model", list(ZOO))
 def test_delta_equals_dense_on_300_frames(model: str, size: str, video: str) -> None:
     det = _detector(model)
     net = None

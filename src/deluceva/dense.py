@@ -98,9 +98,14 @@ def onnxruntime_run(network: nn.Module, input_hw: tuple[int, int], threads: int)
     return run
 
 
+def resolve_dense_engine(engine: str) -> str:
+    """The dense engine a name stands for: "auto" = ONNX Runtime (the fastest measured here)."""
+    return "onnxruntime" if engine == "auto" else engine
+
+
 def make_dense(network: nn.Module, input_hw: tuple[int, int], threads: int = 1, engine: str = "auto") -> DenseRun:
-    """A dense executor of `network` at `input_hw`; engine "auto" = ONNX Runtime (the fastest measured here)."""
-    engine = "onnxruntime" if engine == "auto" else engine
+    """A dense executor of `network` at `input_hw`; engine as in `resolve_dense_engine`."""
+    engine = resolve_dense_engine(engine)
     if engine == "onnxruntime":
         return onnxruntime_run(network, input_hw, threads)
     if engine == "torchscript":

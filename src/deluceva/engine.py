@@ -13,7 +13,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from deluceva.dense import DenseRun, make_dense
+from deluceva.dense import DenseRun, make_dense, resolve_dense_engine
 from deluceva.errors import DelucevaError
 from deluceva.plan import apply_plan
 from deluceva.zoo.base import Detections, Detector
@@ -202,10 +202,8 @@ class Engine:
     def share_dense_engine(self, other: Engine) -> None:
         """Run dense frames on `other`'s dense executors (one ONNX Runtime session and thread pool per input size for
         both engines): two sessions' worker threads busy-waiting on the same cores slow each other down."""
-        def kind(e: Engine) -> str:
-            return "onnxruntime" if e.config.dense_engine == "auto" else e.config.dense_engine
-
-        if other.config.threads != self.config.threads or kind(other) != kind(self):
+        engines = {resolve_dense_engine(e.config.dense_engine) for e in (self, other)}
+        if other.config.threads != self.config.threads or len(engines) > 1:
             raise ValueError("share_dense_engine: the engines differ in threads or dense engine")
         self._dense = other._dense
 
