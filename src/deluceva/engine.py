@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from deluceva.dense import DenseRun, make_dense, resolve_dense_engine
-from deluceva.errors import DelucevaError
+from deluceva.errors import DelucevaError, ModelError
 from deluceva.plan import apply_plan
 from deluceva.zoo.base import Detections, Detector
 
@@ -35,7 +35,10 @@ class EngineConfig:
     input_noise_floor: with filter_pct > 0, input changes up to this many grey levels (codec noise) wait until they
     accumulate beyond it (converted with the detector's input_scale); relative_floor: with filter_pct > 0, every
     filter also holds back changes up to this fraction of its input's std. At filter_pct = 0 both are off (exact).
-    plan: delta mode's physical plan, auto | dense | delta | plan/profile file (see deluceva.plan)."""
+    plan: delta mode's physical plan, auto | dense | delta | plan/profile file (see deluceva.plan).
+    dense_seed: in delta mode, seeding frames (the first, re-seeds) take the units' full values from one ONNX Runtime
+    run of the network with its intermediate tensors exported (deluceva.seeding) when the dense engine is ONNX
+    Runtime; off: the units compute them in PyTorch."""
 
     mode: Mode = "dense"
     imgsz: str | int | tuple[int, int] | None = None
@@ -46,6 +49,7 @@ class EngineConfig:
     input_noise_floor: float = 3.0
     relative_floor: float = 0.0
     plan: str = "auto"
+    dense_seed: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("dense", "delta"):
@@ -68,6 +72,7 @@ class Engine:
         self._input_hw: tuple[int, int] | None = None
         self._dense: dict[tuple[int, int], DenseRun] = {}
         self._delta = None
+        self._seeders: dict[tuple[int, int], Any] = {}
         self._plans = None
         self.plan_note = ""
         self._frames_since_dense = 0
@@ -93,8 +98,23 @@ class Engine:
                                                        ProfileKey(self.detector.name, hw, self.config.threads))
         if self.config.mode == "delta":
             self._prepare_dense_engine(hw)
+            self._prepare_seeder(hw)
         self._input_hw = hw
         return hw
+
+    def _prepare_seeder(self, hw: tuple[int, int]) -> None:
+        """The ONNX Runtime seeder of the delta network at hw (`EngineConfig.dense_seed`), once per input size; a
+        network that does not export seeds itself (noted in `plan_note`)."""
+        cfg = self.config
+        if hw in self._seeders or not cfg.dense_seed or resolve_dense_engine(cfg.dense_engine) != "onnxruntime":
+            return
+        from deluceva.seeding import OrtSeeder
+
+        try:
+            self._seeders[hw] = OrtSeeder(self._delta, hw, cfg.threads)
+        except ModelError as e:
+            self._seeders[hw] = None
+            self.plan_note += f" (seeding in PyTorch: {e})"
 
     def _prepare_dense_engine(self, hw: tuple[int, int]) -> None:
         """For plans with dense-engine bands or timings: the dense executor at hw (ONNX export, once) and a fresh
@@ -154,8 +174,9 @@ class Engine:
         else:
             if decision == "reseed":
                 net.refresh()
+            seeder = self._seeders.get(self._input_hw)
             with torch.inference_mode():
-                out = net(x)
+                out = seeder(x) if seeder is not None and net.needs_seed(x) else net(x)
             outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
             ran = "refresh" if net.last_dense else "delta"
             decision = "reseed" if net.last_dense else "delta"

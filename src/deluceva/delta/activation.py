@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from deluceva.delta.base import Delta, Env, Unit, nonzero_rows, pixels_from_dense, to_dense
+from deluceva.delta.base import Delta, Env, Unit, given, nonzero_rows, pixels_from_dense, to_dense
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, functions, register
 from deluceva.delta.state import RowState
@@ -117,9 +117,14 @@ class ElementwiseUnit(Unit):
         self.f = elementwise_fn(self.node, src, env)
         self.prune = self.node.target in FLAT
         self.state = RowState(x, self.config.acc_dtype(x.dtype))
-        y = self.f(x)
+        y = given(env, self.node)
+        if y is None:
+            y = self.f(x)
         self.out_shape = tuple(y.shape)
         return y
+
+    def given_nodes(self) -> list[fx.Node]:
+        return [self.node]
 
     def __call__(self, d: Delta) -> Delta:
         if self.state.rows:

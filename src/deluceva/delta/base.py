@@ -7,7 +7,10 @@ Delta values flowing between units (one per varying graph node):
 - tuple/list of the above for ops returning several tensors (split, chunk).
 
 A unit is built once from its fx node. `seed(env)` runs the op densely on full values (`env(node)` gives the full value
-of any input node), stores the state the delta form needs and returns the full output. `__call__(*deltas)` takes the
+of any input node), stores the state the delta form needs and returns the full output. When the network seeds from
+values computed elsewhere (a dense engine exporting every intermediate tensor, `DeltaNetwork.seed_from`), `given(env,
+node)` returns a node's precomputed value and the unit skips computing it; `Unit.given_nodes()` names the nodes a
+unit can take that way. `__call__(*deltas)` takes the
 deltas of the node's varying inputs (order: `var_nodes`) and returns the output delta.
 """
 
@@ -24,6 +27,12 @@ from deluceva.delta.pixels import PixelDelta
 
 Delta = Any  # None | PixelDelta | torch.Tensor | tuple[Delta, ...]
 Env = Callable[[fx.Node], Any]
+
+
+def given(env: Env, node: fx.Node | None) -> Any:
+    """The precomputed full value of `node` offered by the seeding env (None: compute it; see module docs)."""
+    lookup = getattr(env, "given", None)
+    return None if lookup is None or node is None else lookup(node)
 
 
 @dataclass
@@ -237,6 +246,10 @@ class Unit:
         self.module = module
         self.macs = 0
         self.dense_macs = 0
+
+    def given_nodes(self) -> list[fx.Node]:
+        """Nodes whose precomputed values `seed` can take instead of computing them (see `given`)."""
+        return []
 
     def materialize(self, env: Env) -> tuple[tuple, dict]:
         """Full-value (args, kwargs) of the node."""

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from deluceva.delta import kernels_bridge
 from deluceva.delta.activation import FLAT, elementwise_fn, emit, emit_all, fusable_activation
-from deluceva.delta.base import Delta, Env, Unit, pixels_from_dense, to_pixels
+from deluceva.delta.base import Delta, Env, Unit, given, pixels_from_dense, to_pixels
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, functions, modules, register
 from deluceva.delta.state import RowState
@@ -152,19 +152,25 @@ class ConvUnit(Unit):
         p.update(kwargs)
         return p
 
+    def _dense_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, p: dict[str, Any]
+                       ) -> torch.Tensor:
+        """The op on full values: z (N, Cout, Ho, Wo)."""
+        if self.module is not None and not self.transpose:
+            return self.module._conv_forward(x, w, b)
+        if self.transpose:
+            op_args = (p["stride"], p["padding"], p["output_padding"], p["groups"], p["dilation"])
+            return F.conv_transpose2d(x, w, b, *op_args)
+        return F.conv2d(x, w, b, p["stride"], p["padding"], p["dilation"], p["groups"])
+
     def seed(self, env: Env) -> Any:
         x = env(self.var_nodes[0])
         p = self._params(env)
         self.p = p
         w = p["weight"].detach()
         b = p["bias"].detach() if p["bias"] is not None else None
-        if self.module is not None and not self.transpose:
-            z = self.module._conv_forward(x, w, b)
-        elif self.transpose:
-            op_args = (p["stride"], p["padding"], p["output_padding"], p["groups"], p["dilation"])
-            z = F.conv_transpose2d(x, w, b, *op_args)
-        else:
-            z = F.conv2d(x, w, b, p["stride"], p["padding"], p["dilation"], p["groups"])
+        z = given(env, self.node)
+        if z is None:
+            z = self._dense_forward(x, w, b, p)
         in_shape, out_shape = tuple(x.shape), tuple(z.shape)
         key = (in_shape, out_shape)
         if key not in self._ops:
@@ -193,7 +199,11 @@ class ConvUnit(Unit):
         self.f = elementwise_fn(self.act_node, self.node, env)
         self.prune = self.act_node.target in FLAT
         self.state = RowState(z, self.config.acc_dtype(z.dtype))
-        return self.f(z)
+        y = given(env, self.act_node)
+        return self.f(z) if y is None else y
+
+    def given_nodes(self) -> list[fx.Node]:
+        return [self.node, *self.fused]
 
     def __call__(self, d: Delta) -> Delta:
         if not isinstance(d, PixelDelta):

@@ -45,6 +45,21 @@ def holds_all(pct: float, n: int) -> bool:
     return int(round(min(100.0, max(0.0, pct)) / 100.0 * n)) >= n
 
 
+
+STD_SAMPLES = 1 << 12
+
+
+def sample_std(x: torch.Tensor, samples: int = STD_SAMPLES) -> float:
+    """Standard deviation of x's elements, from an evenly strided sample of about `samples` of them (0 for fewer
+    than 2 elements). Seeds the relative floor: the full std of every filter input cost ~15 ms per re-seed of
+    YOLOv5n at 768x448; the sample's estimate is within a few % of it."""
+    n = x.numel()
+    if n < 2:
+        return 0.0
+    flat = x.reshape(-1)
+    step = max(1, n // samples)
+    return float(flat[::step].contiguous().std()) if n // step > 1 else float(flat.std())
+
 class _Stats:
     candidates = 0  # granules with a non-zero accumulated delta this frame
     forwarded = 0  # granules forwarded
@@ -94,7 +109,7 @@ class PixelFilter(_Stats):
         n, c, h, w = x.shape
         self.shape = (n, c, h, w)
         self.dtype = x.dtype
-        self.scale = float(x.std()) if x.numel() > 1 else 0.0
+        self.scale = sample_std(x)
         self._r: torch.Tensor | None = None  # allocated on first use: at 0% with nothing pending it is never needed
         self._m: torch.Tensor | None = None
         self.tile_id: torch.Tensor | None = None

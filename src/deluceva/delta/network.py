@@ -206,6 +206,22 @@ def _wants_dense(unit: Unit, ins: list[Delta]) -> bool:
     return frac > unit.break_even
 
 
+class _SeedEnv:
+    """Seeding env of the dense pass: `env(node)` the full value computed so far, `env.given(node)` a precomputed
+    one (or None; see deluceva.delta.base.given)."""
+
+    __slots__ = ("full", "values")
+
+    def __init__(self, full: dict[fx.Node, Any], values: dict[fx.Node, Any]) -> None:
+        self.full, self.values = full, values
+
+    def __call__(self, node: fx.Node) -> Any:
+        return self.full[node]
+
+    def given(self, node: fx.Node) -> Any:
+        return self.values.get(node)
+
+
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
@@ -383,34 +399,53 @@ class DeltaNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         with torch.inference_mode():
             self._frame += 1
-            if self._dense_next or self._x is None or x.shape != self._x.shape or x.dtype != self._x.dtype or (
-                    self._deltas_since_seed >= self.EXACT_RESEED and self._seeds_in_float64(x)):
-                self._idle = False
-                self.last_changed = True
+            if self.needs_seed(x):
                 return self._run_dense(x)
             return self._run_delta(x)
+
+    def needs_seed(self, x: torch.Tensor) -> bool:
+        """Whether a call on x runs dense (first call, after reset()/refresh(), new shape or dtype, an exact run's
+        periodic float64 re-seed)."""
+        return self._dense_next or self._x is None or x.shape != self._x.shape or x.dtype != self._x.dtype or (
+            self._deltas_since_seed >= self.EXACT_RESEED and self.seeds_in_float64(x))
+
+    @property
+    def given_nodes(self) -> list[fx.Node]:
+        """Graph nodes whose values `seed_from` can take precomputed (pre-activations, activations, pools: the
+        units' expensive dense ops), in graph order."""
+        return [n for s in self.delta_steps for n in s.unit.given_nodes()]
+
+    def seed_from(self, x: torch.Tensor, values: dict[fx.Node, Any]) -> Any:
+        """Seed every unit on input x like a dense call, taking the nodes' values from `values` (e.g. computed by a
+        faster dense engine, keyed by `given_nodes`) instead of computing them; returns the network's output.
+        Exact runs that seed in float64 (`needs_seed` docs) ignore `values` and run their float64 pass."""
+        with torch.inference_mode():
+            self._frame += 1
+            return self._run_dense(x, None if self.seeds_in_float64(x) else values)
 
     def _result(self) -> Any:
         return fx.node.map_arg(self.output_node.args[0], lambda n: self._outs[n].get())
 
-    def _seeds_in_float64(self, x: torch.Tensor) -> bool:
+    def seeds_in_float64(self, x: torch.Tensor) -> bool:
         """Exact runs (0% filtered) with float64 state seed from a float64 pass of the original network, so the state
         does not carry the float32 rounding of the seed frame (YOLOX-Nano's float32 output is ~1e-4 off float64)."""
         cfg = self.config
         return cfg.exact and cfg.state_dtype == torch.float64 and x.dtype == torch.float32
 
-    def _run_dense(self, x: torch.Tensor) -> Any:
+    def _run_dense(self, x: torch.Tensor, values: dict[fx.Node, Any] | None = None) -> Any:
+        self._idle = False
+        self.last_changed = True
         ref = None
-        if self._seeds_in_float64(x):
+        if values is None and self.seeds_in_float64(x):
             if self._gm64 is None:
                 self._gm64 = copy.deepcopy(self.gm).double()
             ref = reference_values(self.gm, self._gm64, x)
         full: dict[fx.Node, Any] = {self.input_node: x}
-        get = full.__getitem__
+        env = _SeedEnv(full, values or {})
         perf = time.perf_counter
         for step in self.steps:
             t0 = perf()
-            out = step.unit.seed(get)
+            out = step.unit.seed(env)
             chain = getattr(step.unit, "fused", [])
             if ref is not None:  # downstream units seed from the float64 values rounded once, not from ours
                 out_node = chain[-1] if chain else step.node

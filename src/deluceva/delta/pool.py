@@ -18,7 +18,7 @@ from torch import fx
 
 from deluceva.delta import kernels_bridge
 from deluceva.delta.activation import rows_of
-from deluceva.delta.base import Delta, Env, Unit, pixels_from_dense, to_pixels
+from deluceva.delta.base import Delta, Env, Unit, given, pixels_from_dense, to_pixels
 from deluceva.delta.conv import make_conv_op
 from deluceva.delta.linop import LinearOpUnit
 from deluceva.delta.pixels import PixelDelta
@@ -148,7 +148,9 @@ class MaxPoolUnit(Unit):
         self.k, self.s, self.pad, self.dil = k, s, _pair(p["padding"]), _pair(p["dilation"])
         self.kwargs = {kk: p[kk] for kk in ("kernel_size", "stride", "padding", "dilation", "ceil_mode") if kk in p}
         x = args[0]
-        y = self.run(args, kwargs)
+        y = given(env, self.node)
+        if y is None:
+            y = self.run(args, kwargs)
         self.n, self.c, self.h, self.w = x.shape
         self.ho, self.wo = y.shape[2], y.shape[3]
         self.out_shape = tuple(y.shape)
@@ -162,7 +164,7 @@ class MaxPoolUnit(Unit):
                 self._kern = kernels_bridge.max_pool2d(tuple(x.shape), k, s, self.pad, self.dil)
             kern = self._kern
             if kern is not None and tuple(kern.out_shape) == self.out_shape:
-                kern.seed(x)
+                kern.seed(x, y)
                 self.kern = kern
                 return y
         self.x = torch.cat([rows_of(x).to(acc), torch.full((1, self.c), float("-inf"), dtype=acc)])
@@ -170,6 +172,9 @@ class MaxPoolUnit(Unit):
         self.ky = torch.arange(k[0]) * self.dil[0]
         self.kx = torch.arange(k[1]) * self.dil[1]
         return y
+
+    def given_nodes(self) -> list[fx.Node]:
+        return [self.node]
 
     def _affected(self, idx: torch.Tensor) -> torch.Tensor:
         """Sorted unique output pixels whose window contains one of the input pixels `idx`."""

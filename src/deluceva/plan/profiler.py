@@ -82,11 +82,13 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def run_pass(net: Any, frames: Sequence[torch.Tensor], pct: float, mode: str, tick: Tick | None = None,
-             input_floor: float = 0.0, swing: torch.Tensor | None = None) -> dict[str, Any]:
+             input_floor: float = 0.0, swing: torch.Tensor | None = None,
+             seeder: Callable[[torch.Tensor], Any] | None = None) -> dict[str, Any]:
     """Seed on frames[0], run frames[1:] at `pct` with every unit in `mode`, then (if given) the `swing` frame (a
     full-frame brightness change of frames[-1]) and frames[-1] again (the change back).
 
-    input_floor: the network's input noise floor at pct > 0 (as the engine sets it; 0 at pct = 0).
+    input_floor: the network's input noise floor at pct > 0 (as the engine sets it; 0 at pct = 0). seeder: seeds
+    the network on a frame as the engine does (deluceva.seeding.OrtSeeder); None: the network seeds itself.
     Returns {units: per unit {active_in, work (means), ms (median: robust to other processes' interference), and
     with a swing: swing_work, swing_ms (means of the two swing frames)}, frame_ms: median whole-network ms per delta
     frame (units plus the network's own per-frame work: input delta, outputs), seed_ms: per unit ms of the seeding
@@ -99,7 +101,7 @@ def run_pass(net: Any, frames: Sequence[torch.Tensor], pct: float, mode: str, ti
     if hasattr(net, "config"):
         net.config.input_floor = floor
     set_all_modes(net, mode)
-    seed_frame_ms = _timed(lambda: net(frames[0]))
+    seed_frame_ms = _timed(lambda: (seeder or net)(frames[0]))
     seed_ms = [float(r["ms"]) for r in net.last_stats]
     rows: list[list[tuple[float, float, float]]] = [[] for _ in seed_ms]
     totals, acts = [], []
@@ -169,14 +171,16 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
 def profile_network(net: Any, frames: Sequence[torch.Tensor], key: ProfileKey,
                     pcts: Sequence[float] = PCTS, tick: Tick | None = None, *, input_floor: float = 0.0,
                     swing: torch.Tensor | None = None, dense_run: Callable[[torch.Tensor], Any] | None = None,
-                    dense_engine: str = "onnxruntime") -> Profile:
+                    dense_engine: str = "onnxruntime", seeder: Callable[[torch.Tensor], Any] | None = None
+                    ) -> Profile:
     """Profile a converted network on real frames (>= 2; the first seeds). Dense mode is profiled only when the
     network supports per-unit modes; otherwise each unit's dense cost is its seeding time (noted in meta).
 
     input_floor: the engine's input noise floor (network units) used at pct > 0. swing: a full-frame brightness
     change of frames[-1]; per unit and per frame its cost is recorded (the guard's prediction for exposure swings).
     dense_run: the fastest dense executor (ONNX Runtime), timed on the same frames between the passes of every
-    percentage (frame_ms[dense_engine]), so that ratios come from the same run.
+    percentage (frame_ms[dense_engine]), so that ratios come from the same run. seeder: how the engine seeds the
+    network (`run_pass`); the seeding frame's time is measured through it.
     """
     if len(frames) < 2:
         raise ValueError("profiling needs at least 2 frames")
@@ -193,7 +197,7 @@ def profile_network(net: Any, frames: Sequence[torch.Tensor], key: ProfileKey,
             if dense_run is not None:
                 extra[dense_engine][k] = time_dense(dense_run, frames)
             for m in modes:
-                res = run_pass(net, frames, float(p), m, tick, input_floor, swing)
+                res = run_pass(net, frames, float(p), m, tick, input_floor, swing, seeder)
                 per[m][float(p)] = res["units"]
                 frame_ms[m][k] = res["frame_ms"]
                 seed_ms = seed_ms or res["seed_ms"]
@@ -229,7 +233,7 @@ def profile_network(net: Any, frames: Sequence[torch.Tensor], key: ProfileKey,
     frame_ms.update({k: v for k, v in extra.items() if v and "activity" not in k})
     meta = {"frames": len(frames), "dense_mode": "measured" if "dense" in per else "seed frame (no mode API)",
             "overhead_ms": overhead, "activity": extra["activity"], "swing_activity": extra["swing_activity"],
-            "input_floor": input_floor,
+            "input_floor": input_floor, "seeding": "dense engine" if seeder is not None else "units",
             "dense_engine": dense_engine if dense_run is not None else None}
     bnd = boundary_costs([g["shape"] for g in graph])
     return Profile(key, fingerprint(), [float(p) for p in pcts], units, bnd, frame_ms, meta)

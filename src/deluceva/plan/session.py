@@ -69,10 +69,22 @@ def profile_model(model: str, imgsz: str | None, threads: int, video: Path = DEF
     key = ProfileKey(det.name, (int(hw[0]), int(hw[1])), threads)
     tick = progress(len(pcts) * len(MODES) * (len(xs) - 1)) if progress else None
     floor = float(EngineConfig().input_noise_floor) * float(getattr(det, "input_scale", 1 / 255))
-    prof = profile_network(net, xs, key, pcts, tick, input_floor=floor, swing=swing, dense_run=ort)
+    prof = profile_network(net, xs, key, pcts, tick, input_floor=floor, swing=swing, dense_run=ort,
+                           seeder=_seeder(net, hw, threads))
     prof.meta.update(video=str(video), swing_gain=SWING_GAIN)
     path = prof.save(out or default_profile_path(key))
     return prof, path
+
+
+def _seeder(net: Any, hw: tuple[int, int], threads: int) -> Any:
+    """The engine's ONNX Runtime seeder for `net` (EngineConfig.dense_seed), or None when the graph does not export."""
+    from deluceva.errors import ModelError
+    from deluceva.seeding import OrtSeeder
+
+    try:
+        return OrtSeeder(net, hw, threads)
+    except ModelError:
+        return None
 
 
 def _video_hw(video: Path) -> tuple[int, int]:

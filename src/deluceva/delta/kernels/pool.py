@@ -89,11 +89,12 @@ class SparseMaxPool2d:
         self._mark = np.zeros(n * ho * wo, np.uint8)
         self._touched = np.empty(n * ho * wo, np.int64)
 
-    def seed(self, dense_x: torch.Tensor) -> None:
-        """Set x and y from a dense (N, C, H, W) input."""
+    def seed(self, dense_x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Set x and y from a dense (N, C, H, W) input (y: its max-pool when already computed)."""
         n, c, h, w = self.in_shape
         self.x.copy_(dense_x.permute(0, 2, 3, 1).reshape(n * h * w, c))
-        y = F.max_pool2d(dense_x, self.kernel, self.stride, self.padding, self.dilation)
+        if y is None:
+            y = F.max_pool2d(dense_x, self.kernel, self.stride, self.padding, self.dilation)
         self.y.copy_(y.permute(0, 2, 3, 1).reshape(-1, c))
 
     def __call__(self, delta: PixelDelta) -> PixelDelta:
