@@ -238,6 +238,14 @@ def test_yolov5_heads_at_768x448_match_onnxruntime(yolov5, person_frame):
     rows = yolov5.decode(run(yolov5.network, x), (448, 768))
     np.testing.assert_allclose(rows[:, :4], expect[:, :4], atol=5e-3)
     np.testing.assert_allclose(rows[:, 4:], expect[:, 4:], atol=1e-5)
+    part = yolov5.decode(run(yolov5.network, x), (448, 768), min_obj=0.25)  # what postprocess decodes
+    keep = rows[:, 4] > 0.25
+    assert 0 < len(part) < len(rows) // 50
+    np.testing.assert_allclose(part, rows[keep], rtol=1e-6, atol=1e-9)
+    geo = yolov5.preprocess(person_frame, (448, 768))[1]
+    a, b = yolov5.detections_from_rows(rows, geo), yolov5.postprocess(run(yolov5.network, x), geo)
+    assert len(a) > 0 and np.array_equal(a.class_ids, b.class_ids)
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
 
 
 def test_yolox_heads_at_768x448_match_onnxruntime(yolox, person_frame):

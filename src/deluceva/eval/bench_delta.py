@@ -95,7 +95,7 @@ def measure_overhead(det: Detector, imgsz: str | None, rgb: np.ndarray, threads:
     overhead); skipped_unit_us: per unit, a frame that visits every unit and skips it minus one that skips the loop.
     """
     dense = Engine(det, EngineConfig(mode="dense", imgsz=imgsz, threads=threads, dense_engine=dense_engine))
-    delta = Engine(det, EngineConfig(mode="delta", imgsz=imgsz, threads=threads))
+    delta = Engine(det, EngineConfig(mode="delta", imgsz=imgsz, threads=threads, plan="delta"))  # the units
     hw = dense.ensure_prepared(rgb.shape[:2])
     delta.ensure_prepared(rgb.shape[:2])
     dense.infer(rgb)

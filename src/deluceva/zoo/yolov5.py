@@ -86,19 +86,29 @@ def onnx_anchors(model: onnx.ModelProto, num_levels: int, num_anchors: int | Non
     return np.stack(levels).astype(np.float32)
 
 
-def yolov5_decode(outputs: tuple[torch.Tensor, ...], input_hw: tuple[int, int], anchors: np.ndarray) -> np.ndarray:
+def yolov5_decode(outputs: tuple[torch.Tensor, ...], input_hw: tuple[int, int], anchors: np.ndarray,
+                  min_obj: float | None = None) -> np.ndarray:
     """Head maps -> the exporter's output rows (N, 5+C): [cx, cy, w, h] in input pixels, sigmoid obj, cls.
 
-    Row order as the export: levels in order, then anchor, then y, then x.
+    Row order as the export: levels in order, then anchor, then y, then x. min_obj: keep only the rows whose
+    objectness exceeds it (same values and order as the full decode's rows; a post-processing threshold on
+    obj * cls cannot pass the others), decoding those alone (~10x less work at 768x448).
     """
     rows = []
     for o, anc in zip(outputs, anchors, strict=True):
         _, ch, h, w = o.shape
         na = len(anc)
         stride = np.float32(input_hw[0] / h)
-        s = torch.sigmoid(o.detach().float()).reshape(na, ch // na, h * w).permute(0, 2, 1).cpu().numpy()
-        xy = (s[..., :2] * 2 - 0.5 + grid_xy(h, w)[None]) * stride
-        wh = (s[..., 2:4] * 2) ** 2 * anc[:, None, :]
+        raw = o.detach().float().reshape(na, ch // na, h * w)
+        if min_obj is None:
+            s = torch.sigmoid(raw).permute(0, 2, 1).cpu().numpy()  # (A, HW, 5+C)
+            grid, anc_wh = grid_xy(h, w)[None], anc[:, None, :]
+        else:
+            a, p = (torch.sigmoid(raw[:, 4]) > min_obj).nonzero(as_tuple=True)  # row order: anchor, then pixel
+            s = torch.sigmoid(raw[a, :, p]).cpu().numpy()  # (K, 5+C)
+            grid, anc_wh = grid_xy(h, w)[p.numpy()], anc[a.numpy()]
+        xy = (s[..., :2] * 2 - 0.5 + grid) * stride
+        wh = (s[..., 2:4] * 2) ** 2 * anc_wh
         rows.append(np.concatenate([xy, wh, s[..., 4:]], axis=-1).reshape(-1, ch // na))
     return np.concatenate(rows, axis=0)
 
@@ -128,9 +138,10 @@ class Yolov5Detector(Detector):
         img, geo = yolov5_fit(rgb, input_hw)
         return canvas_tensor(img, input_hw, int(geo.pad_xy[1]), int(geo.pad_xy[0]), PAD_VALUE, 255.0), geo
 
-    def decode(self, outputs: tuple[torch.Tensor, ...], input_hw: tuple[int, int]) -> np.ndarray:
-        """Head maps -> decoded rows (N, 5+C), as the full ONNX model outputs them."""
-        return yolov5_decode(outputs, input_hw, self.anchors)
+    def decode(self, outputs: tuple[torch.Tensor, ...], input_hw: tuple[int, int], min_obj: float | None = None
+               ) -> np.ndarray:
+        """Head maps -> decoded rows (N, 5+C), as the full ONNX model outputs them (min_obj: see yolov5_decode)."""
+        return yolov5_decode(outputs, input_hw, self.anchors, min_obj)
 
     def detections_from_rows(self, rows: np.ndarray, geometry: Geometry) -> Detections:
         """Decoded rows (N, 5+C) -> detections in source pixels."""
@@ -139,7 +150,8 @@ class Yolov5Detector(Detector):
         )
 
     def postprocess(self, outputs: tuple[torch.Tensor, ...], geometry: Geometry) -> Detections:
-        return self.detections_from_rows(self.decode(outputs, geometry.input_hw), geometry)
+        rows = self.decode(outputs, geometry.input_hw, min_obj=self.conf_threshold)
+        return self.detections_from_rows(rows, geometry)
 
 
 def load_yolov5(path: str | Path, names_path: str | Path | None = None) -> Yolov5Detector:
