@@ -56,7 +56,8 @@ def convert(
     state_dtype: accumulation dtype of the units' full-value state (float64: no drift over hundreds of frames beyond
     the float32 noise of the dense network; float32: less memory traffic). With float64 state, a dense frame run
     while exact (0% filtered, no floors) seeds the state from a float64 pass of the network, so the delta output
-    tracks the float64 network rather than carrying the seed frame's float32 rounding. input_floor: changes of the
+    tracks the float64 network rather than carrying the seed frame's float32 rounding. States seeded while filtering
+    are float32 (`net.config.filtered_state_dtype`; None keeps state_dtype). input_floor: changes of the
     network input are held back until their accumulated magnitude exceeds it (input units; e.g. 3 grey levels *
     input scale, above codec noise). relative_floor: every filter's noise floor is relative_floor * the std of its
     input at the last dense frame (deep layers re-sparsify). Both are settable later on `net.config`. warmup: run one

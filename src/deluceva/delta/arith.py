@@ -191,7 +191,7 @@ class ProductUnit(Unit):
         a, b = _operands(self.node)
         self.same = a is b
         out = self.run(*self.materialize(env))
-        acc = self.config.state_dtype
+        acc = self.config.seed_state_dtype
         self.a, self.b = _own(env(a), acc), _own(env(b), acc)
         self.dtype = out.dtype
         self.out_shape = tuple(out.shape)

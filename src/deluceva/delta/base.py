@@ -41,7 +41,9 @@ class FilterConfig:
 
     state_dtype: dtype of accumulated full-value state (pre-activations, stored inputs, outputs). float64 keeps the
     rounding of hundreds of frames of `z += Δz` far below the float32 rounding of the dense network itself;
-    float32 halves the memory traffic of state updates.
+    float32 halves the memory traffic of state updates. filtered_state_dtype: the state dtype of states seeded while
+    filtering (not `exact`; None: state_dtype always): the filters' own error dwarfs float32 accumulation rounding, and
+    float32 state makes delta frames ~15% and seeds cheaper (YOLOv5n 768x448).
     """
 
     filter_pct: float = 0.0
@@ -51,10 +53,17 @@ class FilterConfig:
     state_dtype: torch.dtype = torch.float64
     input_floor: float = 0.0  # the network input's filter: pixels whose accumulated change is <= it wait (input units)
     relative_floor: float = 0.0  # each filter's floor = relative_floor * std of its input at the last dense frame
+    filtered_state_dtype: torch.dtype | None = torch.float32
+
+    @property
+    def seed_state_dtype(self) -> torch.dtype:
+        """The state dtype for states seeded now: state_dtype when exact, else filtered_state_dtype (if set)."""
+        return self.state_dtype if self.exact or self.filtered_state_dtype is None else self.filtered_state_dtype
 
     def acc_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """Accumulation dtype for state of a tensor of `dtype` (never narrower than it; non-floats unchanged)."""
-        return torch.promote_types(dtype, self.state_dtype) if dtype.is_floating_point else dtype
+        """Accumulation dtype for state of a tensor of `dtype` seeded now (never narrower than it; non-floats
+        unchanged)."""
+        return torch.promote_types(dtype, self.seed_state_dtype) if dtype.is_floating_point else dtype
 
     @property
     def exact(self) -> bool:

@@ -105,7 +105,7 @@ class RecomputeUnit(Unit):
         self.tmpl = self.template(env)
         values = [env(n) for n in self.var_nodes]
         self.dtypes = [dtypes_of(v) for v in values]
-        self.full = [_own(v, self.config.state_dtype) for v in values]
+        self.full = [_own(v, self.config.seed_state_dtype) for v in values]
         self.inplace = self.node.op == "call_method" and str(self.node.target).endswith("_")
         out = self.run(*self._args())
         # an output that aliases a stored input (view-like op) would change with it: keep copies then

@@ -389,6 +389,7 @@ class DeltaNetwork(nn.Module):
         self._env: list[Delta] = []
         self._frame = 0  # frames run since reset (keys the last_stats cache)
         self._deltas_since_seed = 0  # delta frames (idle ones not counted) since the last dense frame
+        self._seed_dtype = self.config.seed_state_dtype  # the state dtype of the last seed
         self._stats_cache: tuple[int, list[dict[str, Any]]] | None = None
 
     def refresh(self) -> None:
@@ -405,8 +406,11 @@ class DeltaNetwork(nn.Module):
 
     def needs_seed(self, x: torch.Tensor) -> bool:
         """Whether a call on x runs dense (first call, after reset()/refresh(), new shape or dtype, an exact run's
-        periodic float64 re-seed)."""
+        periodic float64 re-seed, or a run turned exact whose state was seeded while filtering in a narrower
+        dtype: FilterConfig.seed_state_dtype)."""
+        cfg = self.config
         return self._dense_next or self._x is None or x.shape != self._x.shape or x.dtype != self._x.dtype or (
+            cfg.exact and self._seed_dtype != cfg.seed_state_dtype) or (
             self._deltas_since_seed >= self.EXACT_RESEED and self.seeds_in_float64(x))
 
     @property
@@ -461,7 +465,8 @@ class DeltaNetwork(nn.Module):
             for f in chain:
                 full[f] = out
         self._x = x.detach().clone()
-        self._outs = {n: _Output(full[n], self.config.state_dtype) for n in self.out_nodes}
+        self._outs = {n: _Output(full[n], self.config.seed_state_dtype) for n in self.out_nodes}
+        self._seed_dtype = self.config.seed_state_dtype
         self._dense_next = False
         self._deltas_since_seed = 0
         self.last_dense = True
