@@ -330,3 +330,30 @@ def test_engines_share_one_dense_session_only_when_they_run_it_alike(setup):
     other = Engine(det, EngineConfig(mode="delta", imgsz="224x128", threads=1, dense_engine="torch"))
     with pytest.raises(ValueError, match="differ in threads or dense engine"):
         other.share_dense_engine(ort)
+
+
+def _probe_run(delta_ms: float, frames: int = 60) -> list[str]:
+    """Decisions of a guard in a dense-engine band that probes (ONNX Runtime 40 ms, re-seed 60 ms), the delta
+    network measured at `delta_ms` per frame on a calm scene."""
+    from deluceva.plan.guard import PROBE_STAY
+
+    guard = FrameGuard(DeltaCost(44.0, 80.0, 0.02), ort_ms=40.0, seed_ms=60.0)  # the profile: 1.1x ONNX Runtime
+    guard.enter_dense_band(probe=True)
+    decisions = []
+    for _ in range(frames):
+        d = guard.decide(0.02)
+        decisions.append(d)
+        guard.observe(d, {"ort": 40.0, "reseed": 60.0, "delta": delta_ms}[d])
+    assert decisions[:PROBE_STAY] == ["ort"] * PROBE_STAY and decisions[PROBE_STAY] == "reseed"
+    return decisions
+
+
+def test_dense_engine_band_probes_the_delta_network_and_keeps_it_when_it_wins():
+    """A band the profile clip put on ONNX Runtime (its unit plan predicted 1.1x slower) is probed: on calmer content
+    the units run at 25 ms and the guard keeps them; at 50 ms the probes lose and grow rarer (8, 16, 32 frames)."""
+    won = _probe_run(25.0)
+    assert won.count("ort") == 8 and won[-40:].count("delta") >= 35
+    lost = _probe_run(50.0)
+    probes = [i for i, d in enumerate(lost) if d == "reseed"]
+    assert len(probes) <= 3 and all(b - a >= 16 for a, b in zip(probes, probes[1:], strict=False))
+    assert lost.count("delta") <= 2 * len(probes) + 1  # each lost probe measures two delta frames, then leaves

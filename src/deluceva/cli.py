@@ -42,6 +42,9 @@ def detect(
     mode: Annotated[str, typer.Option(help="dense | delta")] = "dense",
     filter_pct: Annotated[float, typer.Option("--filter", help="Delta mode: target filtering percentage 0..100")] = 0.0,
     refresh_every: Annotated[int | None, typer.Option(help="Delta mode: dense re-seed every N frames")] = None,
+    relative_floor: Annotated[float, typer.Option(
+        help="Delta mode, --filter > 0: every filter also holds back changes up to this fraction of its input's "
+             "std (e.g. 0.3)")] = 0.0,
     fps: Annotated[float | None, typer.Option(help="Sample F frames per second by timestamps")] = None,
     start: Annotated[float, typer.Option(help="Start at this many seconds")] = 0.0,
     max_frames: Annotated[int | None, typer.Option(help="Stop after N processed frames")] = None,
@@ -61,7 +64,8 @@ def detect(
     from deluceva.zoo.registry import load_model
 
     config = EngineConfig(mode=mode, imgsz=imgsz, filter_pct=filter_pct, threads=threads,  # type: ignore[arg-type]
-                          dense_engine=dense_engine, refresh_every=refresh_every, plan=plan)
+                          dense_engine=dense_engine, refresh_every=refresh_every, plan=plan,
+                          relative_floor=relative_floor)
     if max_frames is not None and max_frames < 1:
         raise DelucevaError(f"--max-frames must be >= 1, got {max_frames}")
     if stats is not None and mode != "delta":
@@ -239,6 +243,8 @@ def bench_delta(
     threads: Annotated[int, typer.Option(help="CPU threads (dense and delta alike)")] = 1,
     refresh_every: Annotated[int | None, typer.Option(help="Dense re-seed every N frames")] = None,
     dense_engine: Annotated[str, typer.Option(help="Dense baseline engine")] = "auto",
+    relative_floor: Annotated[float, typer.Option(help="Delta engine's relative floor (see detect)")] = 0.0,
+    plan: Annotated[str, typer.Option(help="Delta engine's plan: auto | dense | delta | FILE")] = "auto",
     out: Annotated[Path, typer.Option(help="JSON output")] = Path("bench/results/delta.json"),
 ) -> None:
     """End to end: delta engine vs the fastest dense engine, speed-up and mAP@0.5 against dense."""
@@ -246,7 +252,8 @@ def bench_delta(
 
     videos = video or sorted(Path("assets/video").glob("*.mp4")) + sorted(Path("assets/video").glob("*.avi"))
     run_delta_benchmark(model, imgsz, videos, frames, fps, [float(f) for f in filters.split(",")], threads,
-                        refresh_every, dense_engine, out, out_console, progress_bar)
+                        refresh_every, dense_engine, out, out_console, progress_bar, relative_floor=relative_floor,
+                        plan=plan)
 
 
 @bench_app.command("plan")

@@ -6,6 +6,7 @@ returns the DESIGN.md record: {frame, pts, mode, filter_pct, ms, detections}.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -56,6 +57,8 @@ class EngineConfig:
             raise DelucevaError(f"--mode must be dense or delta, got {self.mode!r}")
         if not 0.0 <= self.filter_pct < 100.0:
             raise DelucevaError(f"--filter must be in [0, 100), got {self.filter_pct}")
+        if self.relative_floor < 0.0:
+            raise DelucevaError(f"--relative-floor must be >= 0, got {self.relative_floor}")
         if self.threads < 1:
             raise DelucevaError(f"--threads must be >= 1, got {self.threads}")
         if self.refresh_every is not None and self.refresh_every < 1:
@@ -122,6 +125,7 @@ class Engine:
         from deluceva.plan import PlanSet
 
         self._guard = None
+        self._band: str | None = None  # kind of the last frame's plan band: units | ort | ort-probe
         self._x_prev: torch.Tensor | None = None
         self._dense_ms: float | None = None
         if isinstance(self._plans, PlanSet) and self._plans.uses_dense_engine:
@@ -166,6 +170,8 @@ class Engine:
         net.config.input_floor = floor
         net.config.relative_floor = cfg.relative_floor if on else 0.0
         decision, act, guard = self._guard_decision(plan, x, floor)
+        if decision != "ort" and plan is not None and plan.kind == "ort":  # probing a dense-engine band's units
+            apply_plan(net, dataclasses.replace(plan, kind="units"), cfg.filter_pct)
         t0 = time.perf_counter()
         if decision == "ort":
             outs = self._dense[self._input_hw](x)
@@ -196,12 +202,15 @@ class Engine:
 
     def _guard_decision(self, plan: Any, x: torch.Tensor, floor: float) -> tuple[str, float | None, Any]:
         """('delta' | 'ort' | 'reseed', input activity or None, the guard or None) for this frame and plan band."""
-        from deluceva.plan.guard import DeltaCost, FrameGuard, activity
+        from deluceva.plan.guard import PROBE_RATIO, DeltaCost, FrameGuard, activity
 
         if plan is None or plan.dense_ms is None or self._input_hw not in self._dense:
             return "delta", None, None
         prev = self._x_prev
-        if plan.kind == "ort":
+        band = plan.kind
+        if band == "ort" and plan.delta_ms is not None and plan.delta_ms < PROBE_RATIO * plan.dense_ms:
+            band = "ort-probe"  # predicted close to the dense engine on the profile clip: worth probing here
+        if band == "ort":
             act = None  # not needed: the whole band runs on the dense engine
         else:
             act = 1.0 if prev is None or prev.shape != x.shape else activity(x, prev, floor)
@@ -213,10 +222,15 @@ class Engine:
         if guard is None:
             guard = self._guard = FrameGuard(cost, now, load * float(plan.seed_ms or 3 * plan.dense_ms))
         guard.cost = cost.scaled(load)  # the running band's prediction (the filter may change between frames)
-        if plan.kind == "ort":
-            guard.state, guard.stay = "delta", 0  # leaving the band re-seeds (the network was refreshed)
+        last, self._band = self._band, band
+        if band == "ort":
+            guard.leave_dense_band()  # leaving the band re-seeds (the network was refreshed)
             return "ort", act, guard
-        if prev is None:
+        if band != last and band == "ort-probe":
+            guard.enter_dense_band(probe=True)
+        elif band != last and last == "ort-probe":
+            guard.leave_dense_band()
+        if prev is None and band == "units":
             return "reseed", act, guard
         return guard.decide(act), act, guard  # type: ignore[arg-type]
 

@@ -152,7 +152,9 @@ def overhead_line(o: dict) -> str:
 
 def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frames: int, fps: float | None,
                         filters: list[float], threads: int, refresh_every: int | None, dense_engine: str,
-                        out: Path, console: Console, progress_factory, overhead: bool = True) -> dict:
+                        out: Path, console: Console, progress_factory, overhead: bool = True,
+                        relative_floor: float = 0.0, plan: str = "auto") -> dict:
+    """Run the benchmark (see module docs); relative_floor and plan are the delta engine's (EngineConfig)."""
     torch.set_num_threads(threads)
     det = load_model(model)
     rows: list[dict] = []
@@ -175,10 +177,12 @@ def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frame
                     "dense_ms_median": statistics.median(dense_ms)}
             for pct in filters:
                 eng = Engine(det, EngineConfig(mode="delta", imgsz=imgsz, threads=threads, filter_pct=pct,
-                                               refresh_every=refresh_every))
+                                               refresh_every=refresh_every, relative_floor=relative_floor,
+                                               plan=plan))
                 got, ms, modes, units = _run(eng, clip)
                 steady = ms[1:] or ms  # the first frame seeds the state densely
-                rows.append({**base, "filter_pct": pct, "delta_ms_mean": statistics.fmean(ms),
+                rows.append({**base, "filter_pct": pct, "relative_floor": relative_floor, "plan": plan,
+                             "delta_ms_mean": statistics.fmean(ms),
                              "delta_ms_median": statistics.median(steady),
                              "speedup_mean": statistics.fmean(dense_ms) / statistics.fmean(ms),
                              "map50_vs_dense": weighted_ap50(ref, got),
@@ -199,11 +203,11 @@ def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frame
 
 def _print_table(rows: list[dict], console: Console) -> None:
     t = Table(title="Delta vs dense, end to end (ms/frame, mean over the clip; same frames, same threads)")
-    for c in ("model", "imgsz", "video", "frames", "thr", "filter %", "dense ms", "delta ms", "speed-up",
+    for c in ("model", "imgsz", "video", "frames", "thr", "filter %", "rel. floor", "dense ms", "delta ms", "speed-up",
               "mAP@0.5 vs dense", "refreshes"):
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(r["model"], r["imgsz"], r["video"], str(r["frames"]), str(r["threads"]), f"{r['filter_pct']:g}",
-                  f"{r['dense_ms_mean']:.1f}", f"{r['delta_ms_mean']:.1f}", f"{r['speedup_mean']:.2f}x",
-                  f"{r['map50_vs_dense']:.3f}", str(r["refresh_frames"]))
+                  f"{r.get('relative_floor', 0.0):g}", f"{r['dense_ms_mean']:.1f}", f"{r['delta_ms_mean']:.1f}",
+                  f"{r['speedup_mean']:.2f}x", f"{r['map50_vs_dense']:.3f}", str(r["refresh_frames"]))
     console.print(t)

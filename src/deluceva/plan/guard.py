@@ -25,6 +25,10 @@ synthetic exposure swing (the last profile frame 6% brighter) at that frame's ac
 - repeated losses: when the delta network is measured slower than the dense engine within a few frames of a
   re-seed, the cycle is lost: the guard moves to the dense engine and the minimum stay there (after which it probes
   with a re-seed) doubles, up to 256 frames, so content the delta network cannot win on does not thrash.
+- probing (`probe`, for plan bands that run on the dense engine although their unit plan is predicted within
+  PROBE_RATIO of it: the prediction comes from the profile clip, and calmer content runs the same units much
+  faster): after the stay on the dense engine, a calm frame re-seeds and at least two delta frames are measured;
+  a lost probe doubles the stay as above, a won one keeps the delta network under the rules above.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from statistics import median
 import torch
 
 DECISIONS = ("delta", "ort", "reseed")
+PROBE_RATIO = 1.5  # dense-engine bands whose unit plan is predicted below this x the dense engine's time are probed
+PROBE_STAY = 8  # frames on the dense engine before the first probe of such a band
 
 
 def activity(x: torch.Tensor, prev: torch.Tensor, floor: float, step: int = 2) -> float:
@@ -90,11 +96,13 @@ class FrameGuard:
     min_cycle: int = 4
     calm_floor: float = 0.1
     renew: bool = True
+    probe: bool = False
     state: str = "delta"
     stay: int = 0
     backoff: int = 0
     _reseed_next: bool = False
     _lost: bool = False
+    _probing: bool = False
     _excess: float = 0.0
     _last_a: float = 0.0
     _cycle_ms: float = 0.0
@@ -149,6 +157,10 @@ class FrameGuard:
         """'delta' | 'ort' | 'reseed' for a frame of input activity `a` (the caller runs it and calls observe)."""
         calm = a <= self.calm_activity
         if self.state == "delta":
+            if self._probing and len(self._recent) < 2:  # a probe measures before it judges
+                self._acts.append(a)
+                self._last_a = a
+                return "delta"
             pred = self.delta_ms(a)
             over = pred > self.limit * self.ort  # never run a frame above the limit on the delta network
             rent = pred > self.ort and self._excess + pred - self.ort > self.seed - self.ort  # ski rental
@@ -165,9 +177,23 @@ class FrameGuard:
         if self.stay > 0:
             self.stay -= 1
             return "ort"
+        if calm and self.probe:
+            self._probing = True
+            return self._reseed()
         if calm and self.reseed_pays(a):
             return self._reseed()
         return "ort"
+
+    def enter_dense_band(self, probe: bool) -> None:
+        """The running plan band changed to one on the dense engine: stay there (the back-off, at least
+        `PROBE_STAY` frames), probing the delta network afterwards when `probe`."""
+        self.probe = probe
+        self.backoff = max(self.backoff, PROBE_STAY)  # lost probes double it: 8, 16, 32, ... frames
+        self._to_ort(PROBE_STAY)
+
+    def leave_dense_band(self) -> None:
+        """The running band changed to a unit plan: back to the delta network (the stale state re-seeds)."""
+        self.probe, self.state, self.stay = False, "delta", 0
 
     def observe(self, decision: str, ms: float) -> None:
         """Feed back the measured network ms of a frame run as `decision` (a delta network call that ran dense,
@@ -190,6 +216,8 @@ class FrameGuard:
             if len(self._recent) >= 2 and min(m for m, _ in self._recent) > self.ort and self._cycle_n <= 8 \
                     and not self._lost:
                 self.backoff, self._lost = min(self.backoff * 2, 256), True  # lost right after a re-seed
+            if len(self._recent) >= 2:
+                self._probing = False
             elif self._cycle_n > 30:
                 self.backoff = self.min_stay
 
