@@ -19,6 +19,9 @@ from torch import fx
 from deluceva.dense import onnxruntime_run
 
 
+WARMUP_RUNS = 2
+
+
 def values_module(gm: fx.GraphModule, nodes: list[fx.Node]) -> fx.GraphModule:
     """A copy of `gm` whose output is the tuple of the values of `nodes` (nodes of gm's graph), in that order."""
     graph = fx.Graph()
@@ -30,7 +33,8 @@ def values_module(gm: fx.GraphModule, nodes: list[fx.Node]) -> fx.GraphModule:
 
 class OrtSeeder:
     """`seeder(net, x)` seeds `net` on x from one ONNX Runtime run and returns its output (like `net(x)` on a
-    seeding frame). Built once per network and input size (one ONNX export, ~1-3 s); `threads` intra-op threads.
+    seeding frame). Built once per network and input size (one ONNX export and two warm-up runs, ~0.5-3 s);
+    `threads` intra-op threads.
     Raises deluceva.errors.ModelError when the graph does not export."""
 
     def __init__(self, net: Any, input_hw: tuple[int, int], threads: int) -> None:
@@ -38,6 +42,9 @@ class OrtSeeder:
         self.nodes = list(dict.fromkeys(n for n in net.given_nodes if _is_tensor(n)))
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
         self._run = onnxruntime_run(values_module(net.gm, self.nodes), self.input_hw, threads)
+        x0 = torch.zeros(1, 3, *self.input_hw)
+        for _ in range(WARMUP_RUNS):  # ONNX Runtime's first runs plan and grow its memory: 2x a steady run
+            self._run(x0)
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether x is a frame this seeder was built for: float32 (1, 3, H, W) at its input size."""
