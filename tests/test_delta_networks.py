@@ -162,13 +162,7 @@ def randomize_bn(m: nn.Module, seed: int = 0) -> nn.Module:
     return m.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Per-frame work is small: one intra-op thread avoids oversubscription when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from torch import fx
 
 from deluceva.dense import onnxruntime_run
 
-
 WARMUP_RUNS = 2
 
 

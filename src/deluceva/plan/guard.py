@@ -27,8 +27,9 @@ synthetic exposure swing (the last profile frame 6% brighter) at that frame's ac
   with a re-seed) doubles, up to 256 frames, so content the delta network cannot win on does not thrash.
 - probing (`probe`, for plan bands that run on the dense engine although their unit plan is predicted within
   PROBE_RATIO of it: the prediction comes from the profile clip, and calmer content runs the same units much
-  faster): after the stay on the dense engine, a calm frame re-seeds and at least two delta frames are measured;
-  a lost probe doubles the stay as above, a won one keeps the delta network under the rules above.
+  faster): after the stay on the dense engine, a calm frame re-seeds and two delta frames are measured (one when
+  the first is clearly slower: PROBE_LOSS); a lost probe multiplies the stay by PROBE_BACKOFF, so that exploring
+  costs a few % at most; a won one keeps the delta network under the rules above.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ import torch
 DECISIONS = ("delta", "ort", "reseed")
 PROBE_RATIO = 1.5  # dense-engine bands whose unit plan is predicted below this x the dense engine's time are probed
 PROBE_STAY = 8  # frames on the dense engine before the first probe of such a band
+PROBE_LOSS = 1.2  # a probe's first delta frame above this x the dense engine loses it at once
+PROBE_BACKOFF = 4  # a lost probe multiplies the stay before the next one by this (8, 32, 128, 256 frames)
 
 
 def activity(x: torch.Tensor, prev: torch.Tensor, floor: float, step: int = 2) -> float:
@@ -103,6 +106,7 @@ class FrameGuard:
     _reseed_next: bool = False
     _lost: bool = False
     _probing: bool = False
+    _probe_lost: bool = False
     _excess: float = 0.0
     _last_a: float = 0.0
     _cycle_ms: float = 0.0
@@ -162,6 +166,10 @@ class FrameGuard:
                 self._last_a = a
                 return "delta"
             pred = self.delta_ms(a)
+            if self._probe_lost:  # a probe measured the delta network slower: back to the dense engine now
+                self._probe_lost = False
+                self._to_ort(self.min_stay)
+                return "ort"
             over = pred > self.limit * self.ort  # never run a frame above the limit on the delta network
             rent = pred > self.ort and self._excess + pred - self.ort > self.seed - self.ort  # ski rental
             if over or rent:
@@ -188,7 +196,7 @@ class FrameGuard:
         """The running plan band changed to one on the dense engine: stay there (the back-off, at least
         `PROBE_STAY` frames), probing the delta network afterwards when `probe`."""
         self.probe = probe
-        self.backoff = max(self.backoff, PROBE_STAY)  # lost probes double it: 8, 16, 32, ... frames
+        self.backoff = max(self.backoff, PROBE_STAY)
         self._to_ort(PROBE_STAY)
 
     def leave_dense_band(self) -> None:
@@ -213,11 +221,15 @@ class FrameGuard:
             recent = median(m for m, _ in self._recent)
             if self.renew and self._cycle_n > self.min_cycle and recent > 1.1 * self._cycle_ms / self._cycle_n:
                 self._reseed_next = True
-            if len(self._recent) >= 2 and min(m for m, _ in self._recent) > self.ort and self._cycle_n <= 8 \
+            if self._probing:
+                slow = len(self._recent) >= 2 and min(m for m, _ in self._recent) > self.ort
+                if slow or ms > PROBE_LOSS * self.ort:
+                    self.backoff, self._lost = min(self.backoff * PROBE_BACKOFF, 256), True
+                    self._probe_lost = True
+                self._probing = not self._lost and len(self._recent) < 2
+            elif len(self._recent) >= 2 and min(m for m, _ in self._recent) > self.ort and self._cycle_n <= 8 \
                     and not self._lost:
                 self.backoff, self._lost = min(self.backoff * 2, 256), True  # lost right after a re-seed
-            if len(self._recent) >= 2:
-                self._probing = False
             elif self._cycle_n > 30:
                 self.backoff = self.min_stay
 
