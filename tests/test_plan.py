@@ -327,9 +327,10 @@ def test_engines_share_one_dense_session_only_when_they_run_it_alike(setup):
         other.share_dense_engine(ort)
 
 
-def _probe_run(delta_ms: float, frames: int = 60) -> list[str]:
+def _probe_run(delta_ms: float, frames: int = 60, grow: tuple[float, float] | None = None) -> list[str]:
     """Decisions of a guard in a dense-engine band that probes (ONNX Runtime 40 ms, re-seed 60 ms), the delta
-    network measured at `delta_ms` per frame on a calm scene."""
+    network measured at `delta_ms` per frame on a calm scene (grow=(first, step): first + step * frames since the
+    re-seed instead)."""
     from deluceva.plan.guard import PROBE_STAY
 
     guard = FrameGuard(DeltaCost(44.0, 80.0, 0.02), ort_ms=40.0, seed_ms=60.0)  # the profile: 1.1x ONNX Runtime
@@ -338,6 +339,8 @@ def _probe_run(delta_ms: float, frames: int = 60) -> list[str]:
     for _ in range(frames):
         d = guard.decide(0.02)
         decisions.append(d)
+        if d == "delta" and grow is not None:
+            delta_ms = grow[0] + grow[1] * (len(decisions) - 2 - _last(decisions, "reseed"))
         guard.observe(d, {"ort": 40.0, "reseed": 60.0, "delta": delta_ms}[d])
     assert decisions[:PROBE_STAY] == ["ort"] * PROBE_STAY and decisions[PROBE_STAY] == "reseed"
     return decisions
@@ -349,6 +352,10 @@ def test_dense_engine_band_probes_the_delta_network_and_keeps_it_when_it_wins():
     60 ms (1.5x) one; lost probes grow rarer (stays of 8, 32, 128 frames)."""
     won = _probe_run(25.0)
     assert won.count("ort") == 8 and won[-40:].count("delta") >= 35
+    # cheap right after the re-seed, then costlier every frame (held-back residuals at 50%): the cycles lose
+    growing = _probe_run(0.0, frames=100, grow=(30.0, 12.0))
+    probes = [i for i, d in enumerate(growing) if d == "reseed"]
+    assert len(probes) == 2 and probes[1] - probes[0] >= 32
     for delta_ms, measured in ((44.0, 2), (60.0, 1)):
         lost = _probe_run(delta_ms, frames=100)
         probes = [i for i, d in enumerate(lost) if d == "reseed"]

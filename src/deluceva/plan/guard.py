@@ -28,7 +28,8 @@ synthetic exposure swing (the last profile frame 6% brighter) at that frame's ac
 - probing (`probe`, for plan bands that run on the dense engine although their unit plan is predicted within
   PROBE_RATIO of it: the prediction comes from the profile clip, and calmer content runs the same units much
   faster): after the stay on the dense engine, a calm frame re-seeds and two delta frames are measured (one when
-  the first is clearly slower: PROBE_LOSS); a lost probe multiplies the stay by PROBE_BACKOFF, so that exploring
+  the first is clearly slower: PROBE_LOSS); a probe whose cycle (re-seed and delta frames until the guard leaves)
+  cost more than the dense engine over the same frames multiplies the stay by PROBE_BACKOFF, so that exploring
   costs a few % at most; a won one keeps the delta network under the rules above.
 """
 
@@ -224,8 +225,7 @@ class FrameGuard:
             if self._probing:
                 slow = len(self._recent) >= 2 and min(m for m, _ in self._recent) > self.ort
                 if slow or ms > PROBE_LOSS * self.ort:
-                    self.backoff, self._lost = min(self.backoff * PROBE_BACKOFF, 256), True
-                    self._probe_lost = True
+                    self._lost = self._probe_lost = True
                 self._probing = not self._lost and len(self._recent) < 2
             elif len(self._recent) >= 2 and min(m for m, _ in self._recent) > self.ort and self._cycle_n <= 8 \
                     and not self._lost:
@@ -238,4 +238,6 @@ class FrameGuard:
         return "reseed"
 
     def _to_ort(self, stay: int) -> None:
+        if self.state == "delta" and self.probe and self._cycle_n and self._cycle_ms > self._cycle_n * self.ort:
+            self.backoff = min(self.backoff * PROBE_BACKOFF, 256)  # this probe's cycle cost more than the dense engine
         self.state, self.stay = "ort", max(stay, self.backoff)
