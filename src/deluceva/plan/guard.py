@@ -42,7 +42,7 @@ from statistics import median
 import torch
 
 DECISIONS = ("delta", "ort", "reseed")
-PROBE_RATIO = 1.5  # dense-engine bands whose unit plan is predicted below this x the dense engine's time are probed
+PROBE_RATIO = 1.3  # dense-engine bands whose unit plan is predicted below this x the dense engine's time are probed
 PROBE_STAY = 8  # frames on the dense engine before the first probe of such a band
 PROBE_LOSS = 1.2  # a probe's first delta frame above this x the dense engine loses it at once
 PROBE_BACKOFF = 4  # a lost probe multiplies the stay before the next one by this (8, 32, 128, 256 frames)
