@@ -44,7 +44,7 @@ def detect(
     refresh_every: Annotated[int | None, typer.Option(help="Delta mode: dense re-seed every N frames")] = None,
     relative_floor: Annotated[float, typer.Option(
         help="Delta mode, --filter > 0: every filter also holds back changes up to this fraction of its input's "
-             "std (e.g. 0.3)")] = 0.0,
+             "std (e.g. 0.3 with --filter 0.01 --plan delta: profiles and plans are made without it)")] = 0.0,
     fps: Annotated[float | None, typer.Option(help="Sample F frames per second by timestamps")] = None,
     start: Annotated[float, typer.Option(help="Start at this many seconds")] = 0.0,
     max_frames: Annotated[int | None, typer.Option(help="Stop after N processed frames")] = None,
