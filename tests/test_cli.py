@@ -80,7 +80,7 @@ def _closed_port() -> int:
 @pytest.mark.parametrize(
     "case",
     ["missing_file", "not_a_video", "unreachable_url", "unknown_model", "cfg_without_weights", "bad_onnx",
-     "unwritable_out", "bad_imgsz", "onnx_without_family"],
+     "unwritable_out", "bad_imgsz", "onnx_without_family", "negative_relative_floor"],
 )
 def test_bad_input_gives_one_clear_line(case: str, tmp_path: Path) -> None:
     out = tmp_path / "r.jsonl"
@@ -114,6 +114,9 @@ def test_bad_input_gives_one_clear_line(case: str, tmp_path: Path) -> None:
     elif case == "bad_imgsz":
         args += ["--imgsz", "100x50"]
         words = ("multiples of 32",)
+    elif case == "negative_relative_floor":
+        args += ["--mode", "delta", "--filter", "1", "--relative-floor", "-0.3"]
+        words = ("--relative-floor",)
     proc = run_cli("detect", *args, timeout=60)
     assert_clean_error(proc, *words)
     assert not out.exists()

@@ -75,11 +75,16 @@ def export_onnx(network: nn.Module, input_hw: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def onnxruntime_session(onnx_model: bytes | str, threads: int):
+def onnxruntime_session(onnx_model: bytes | str, threads: int, spinning: bool = True):
+    """An ONNX Runtime CPU session: `threads` intra-op threads, sequential, all graph optimisations. spinning: the
+    worker threads busy-wait between runs (the default: fastest for back-to-back frames); off for sessions run now
+    and then, whose spinning workers would slow the PyTorch work that follows them."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -87,8 +92,8 @@ def onnxruntime_session(onnx_model: bytes | str, threads: int):
     return ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
 
 
-def onnxruntime_run(network: nn.Module, input_hw: tuple[int, int], threads: int) -> DenseRun:
-    sess = onnxruntime_session(export_onnx(network, input_hw), threads)
+def onnxruntime_run(network: nn.Module, input_hw: tuple[int, int], threads: int, spinning: bool = True) -> DenseRun:
+    sess = onnxruntime_session(export_onnx(network, input_hw), threads, spinning)
     name = sess.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:

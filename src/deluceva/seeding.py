@@ -40,7 +40,8 @@ class OrtSeeder:
         self.net = net
         self.nodes = list(dict.fromkeys(n for n in net.given_nodes if _is_tensor(n)))
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
-        self._run = onnxruntime_run(values_module(net.gm, self.nodes), self.input_hw, threads)
+        # no spinning: the session runs now and then, and its busy-waiting workers would slow the state set-up
+        self._run = onnxruntime_run(values_module(net.gm, self.nodes), self.input_hw, threads, spinning=False)
         x0 = torch.zeros(1, 3, *self.input_hw)
         for _ in range(WARMUP_RUNS):  # ONNX Runtime's first runs plan and grow its memory: 2x a steady run
             self._run(x0)
