@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from deluceva.dense import DenseRun, make_dense, resolve_dense_engine
-from deluceva.errors import DelucevaError, ModelError
+from deluceva.errors import DelucevaError
 from deluceva.plan import apply_plan
 from deluceva.zoo.base import Detections, Detector
 
@@ -111,13 +111,11 @@ class Engine:
         cfg = self.config
         if hw in self._seeders or not cfg.dense_seed or resolve_dense_engine(cfg.dense_engine) != "onnxruntime":
             return
-        from deluceva.seeding import OrtSeeder
+        from deluceva.seeding import make_seeder
 
-        try:
-            self._seeders[hw] = OrtSeeder(self._delta, hw, cfg.threads)
-        except ModelError as e:
-            self._seeders[hw] = None
-            self.plan_note += f" (seeding in PyTorch: {e})"
+        self._seeders[hw], why = make_seeder(self._delta, hw, cfg.threads)
+        if why:
+            self.plan_note += f" (seeding in PyTorch: {why})"
 
     def _prepare_dense_engine(self, hw: tuple[int, int]) -> None:
         """For plans with dense-engine bands or timings: the dense executor at hw (ONNX export, once) and a fresh

@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from deluceva.dense import onnxruntime_run
+from deluceva.errors import ModelError
 
 WARMUP_RUNS = 2
 
@@ -58,6 +59,14 @@ class OrtSeeder:
             return net(x)
         values = dict(zip(self.nodes, self._run(x), strict=True))
         return net.seed_from(x, values)
+
+
+def make_seeder(net: Any, input_hw: tuple[int, int], threads: int) -> tuple[OrtSeeder | None, str]:
+    """(the ONNX Runtime seeder of `net`, "") or (None, why) when its graph does not export: it then seeds itself."""
+    try:
+        return OrtSeeder(net, input_hw, threads), ""
+    except ModelError as e:
+        return None, str(e)
 
 
 def _is_tensor(node: fx.Node) -> bool:

@@ -45,7 +45,6 @@ def holds_all(pct: float, n: int) -> bool:
     return int(round(min(100.0, max(0.0, pct)) / 100.0 * n)) >= n
 
 
-
 STD_SAMPLES = 1 << 12
 
 
@@ -56,9 +55,9 @@ def sample_std(x: torch.Tensor, samples: int = STD_SAMPLES) -> float:
     n = x.numel()
     if n < 2:
         return 0.0
-    flat = x.reshape(-1)
-    step = max(1, n // samples)
-    return float(flat[::step].contiguous().std()) if n // step > 1 else float(flat.std())
+    step = max(1, n // samples)  # n // step >= 2 elements in the sample
+    return float(x.reshape(-1)[::step].contiguous().std())
+
 
 class _Stats:
     candidates = 0  # granules with a non-zero accumulated delta this frame

@@ -57,6 +57,7 @@ def profile_model(model: str, imgsz: str | None, threads: int, video: Path = DEF
     from deluceva.convert import convert
     from deluceva.dense import make_dense
     from deluceva.engine import EngineConfig
+    from deluceva.seeding import make_seeder
     from deluceva.zoo.registry import load_model
 
     torch.set_num_threads(threads)
@@ -70,21 +71,10 @@ def profile_model(model: str, imgsz: str | None, threads: int, video: Path = DEF
     tick = progress(len(pcts) * len(MODES) * (len(xs) - 1)) if progress else None
     floor = float(EngineConfig().input_noise_floor) * float(getattr(det, "input_scale", 1 / 255))
     prof = profile_network(net, xs, key, pcts, tick, input_floor=floor, swing=swing, dense_run=ort,
-                           seeder=_seeder(net, hw, threads))
+                           seeder=make_seeder(net, hw, threads)[0])
     prof.meta.update(video=str(video), swing_gain=SWING_GAIN)
     path = prof.save(out or default_profile_path(key))
     return prof, path
-
-
-def _seeder(net: Any, hw: tuple[int, int], threads: int) -> Any:
-    """The engine's ONNX Runtime seeder for `net` (EngineConfig.dense_seed), or None when the graph does not export."""
-    from deluceva.errors import ModelError
-    from deluceva.seeding import OrtSeeder
-
-    try:
-        return OrtSeeder(net, hw, threads)
-    except ModelError:
-        return None
 
 
 def _video_hw(video: Path) -> tuple[int, int]:
