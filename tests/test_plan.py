@@ -14,10 +14,10 @@ import torch
 from deluceva.convert import convert
 from deluceva.dense import make_dense
 from deluceva.errors import DelucevaError
-from deluceva.plan import CostModel, PlanSet, Profile, ProfileKey, apply_plan, make_plan, make_planset
+from deluceva.plan import CostModel, PlanSet, Profile, ProfileKey, apply_plan, make_plan, make_planset, timemodel
 from deluceva.plan.guard import DeltaCost, FrameGuard, activity
 from deluceva.plan.planner import cycle_ms
-from deluceva.plan.profiler import profile_network
+from deluceva.plan.profiler import profile_network, work_fractions
 from deluceva.plan.session import decode_frames, resolve_plan, swing_frame
 from deluceva.plan.store import default_profile_path, fingerprint
 from deluceva.zoo.registry import load_model
@@ -86,6 +86,44 @@ def test_plan_choices_follow_the_profile(setup):
         mixed = cost.predict(plan.modes, pct)
         assert mixed == pytest.approx(plan.delta_ms)
         assert mixed <= min(cost.predict(cost.uniform("dense"), pct), cost.predict(cost.uniform("delta"), pct)) + 1e-9
+
+
+def test_cost_model_prices_a_frame_from_what_its_units_did(setup):
+    det, frames, net, prof = setup
+    cost, pct = CostModel(prof), 95.0
+    delta = cost.uniform("delta")
+    # without counts, the profile clip's own work fractions price a frame as the plan does
+    typical = {n: ("delta", cost.work(n, pct), None) for n in cost.order}
+    assert cost.predict_frame(typical, pct) == pytest.approx(cost.predict(delta, pct))
+    # the per-frame time model was fitted on every (frame, unit) of the profiling passes, in both modes
+    model = prof.meta["time_model"]
+    assert set(model) == {"delta", "dense"}
+    assert model["delta"]["samples"] >= len(cost.order) * (len(frames) - 1)
+    assert min(model["delta"]["base"]) >= 0.0 and min(min(v) for v in model["delta"]["slopes"].values()) >= 0.0
+    assert max(model["delta"]["slopes"]["conv"]) > 0.0
+    # real frames through the network: every unit reports its mode, work fraction and counts
+    net.set_unit_modes(delta)
+    net.filter_pct, net.config.input_floor = pct, 3 / 255
+    net.reset()
+    sizes = timemodel.unit_sizes(net)
+    prices = []
+    with torch.inference_mode():
+        for x in frames:
+            net(x)
+            if net.last_dense or net.last_skipped:
+                continue
+            stats = net.last_stats
+            work, counts = work_fractions(net, stats), timemodel.unit_counts(stats, sizes)
+            assert [r["name"] for r in stats] == cost.order and all(0.0 <= w <= 1.0 for w in work)
+            ran = {r["name"]: (r["mode"], w, c) for r, w, c in zip(stats, work, counts, strict=True)}
+            prices.append(cost.predict_frame(ran, pct))
+            # more work in a unit never makes the frame cheaper; no work leaves the fixed costs
+            busier = {n: (m, w, tuple(2 * v for v in c)) for n, (m, w, c) in ran.items()}
+            idle = {n: (m, w, (0.0,) * len(c)) for n, (m, w, c) in ran.items()}
+            assert cost.predict_frame(idle, pct) <= prices[-1] <= cost.predict_frame(busier, pct)
+    net.config.input_floor, net.filter_pct = 0.0, 0.0
+    net.reset()
+    assert prices and all(p > cost.overhead_ms(pct) for p in prices)
 
 
 def test_profile_and_plan_files_round_trip(setup, tmp_path):

@@ -34,7 +34,8 @@ from rich.table import Table
 
 from deluceva.engine import Engine, EngineConfig
 from deluceva.eval.metrics import weighted_ap50
-from deluceva.plan import CostModel, ProfileKey, make_planset
+from deluceva.plan import CostModel, ProfileKey, make_planset, timemodel
+from deluceva.plan.profiler import work_fractions
 from deluceva.plan.session import DEFAULT_VIDEO, find_profile, profile_model
 from deluceva.plan.store import Profile, default_profile_path
 from deluceva.video import open_source
@@ -93,10 +94,23 @@ def _engines(det: Any, imgsz: str | None, threads: int, pct: float, ort: Engine)
     return {"mixed": mixed, "all-dense": delta("dense"), "all-delta": delta("delta"), "ort": ort}
 
 
+def cost_model_ms(engine: Engine, cost: CostModel, pct: float) -> float | None:
+    """The cost model's ms for the delta frame `engine` just ran, from each unit's mode and work fraction in it
+    (CostModel.predict_frame); None when the frame was not a delta frame."""
+    if getattr(engine, "last_plan_info", {}).get("decision") != "delta" or not engine.last_unit_stats:
+        return None
+    net, stats = engine.delta_network, engine.last_unit_stats
+    counts = timemodel.unit_counts(stats, timemodel.unit_sizes(net))
+    ran = {row["name"]: (row["mode"], w, c)
+           for row, w, c in zip(stats, work_fractions(net, stats), counts, strict=True)}
+    return cost.predict_frame(ran, pct)
+
+
 def run_cell(det: Any, clip: Sequence[Any], imgsz: str | None, threads: int, pct: float, repeats: int,
-             ort: Engine, tick: Any = None) -> dict[str, Any]:
+             ort: Engine, cost: CostModel, tick: Any = None) -> dict[str, Any]:
     """Interleaved runs of the four engines over `clip` at `pct`; per engine per frame ms (median over repeats),
-    the mixed engine's per-frame info (first repeat) and detections (first repeat)."""
+    the mixed engine's per-frame info (first repeat, with the cost model's ms of its delta frames) and detections
+    (first repeat)."""
     ms: dict[str, list[list[float]]] = {e: [[] for _ in clip] for e in ENGINES}
     info: list[dict[str, Any]] = []
     dets: dict[str, list[Detections]] = {e: [] for e in ENGINES}
@@ -115,7 +129,8 @@ def run_cell(det: Any, clip: Sequence[Any], imgsz: str | None, threads: int, pct
                 if r == 0:
                     dets[name].append(Detections.from_records(rec["detections"]))
                     if name == "mixed":
-                        info.append({**getattr(eng, "last_plan_info", {}), "mode": rec["mode"], "ms": rec["ms"]})
+                        info.append({**getattr(eng, "last_plan_info", {}), "mode": rec["mode"], "ms": rec["ms"],
+                                     "cost_ms": cost_model_ms(eng, cost, pct)})
             if tick:
                 tick()
     per_frame = {e: [statistics.median(v) for v in ms[e]] for e in ENGINES}
@@ -134,6 +149,7 @@ def summarise(cell: dict[str, Any], clip: Sequence[Any], cost: CostModel, pct: f
     band = plans.for_pct(pct)
     net = [i["net_ms"] for i in info[steady]]
     pred = [i["predicted_ms"] for i in info[steady] if i.get("predicted_ms") is not None]
+    by_cost = [(i["cost_ms"], i["net_ms"]) for i in info[steady] if i.get("cost_ms") is not None]
     # ONNX Runtime's network time: its end-to-end time minus pre/post-processing (the same in the mixed engine)
     ort_net = mean["ort"] - statistics.fmean(i["ms"] - i["net_ms"] for i in info[steady])
     rel = None  # prediction relative to ONNX Runtime (cancels the load difference between profiling and now)
@@ -153,6 +169,10 @@ def summarise(cell: dict[str, Any], clip: Sequence[Any], cost: CostModel, pct: f
         "pred_plan_over_measured": band.predicted_ms / statistics.fmean(net),
         "pred_frames_over_measured": (statistics.fmean(pred) / statistics.fmean(net[-len(pred):])) if pred else None,
         "pred_rel_ort_over_measured": rel, "ort_net_ms_mean": ort_net,
+        # the cost model on each delta frame's own unit modes and work fractions (mean over those frames)
+        "pred_cost_over_measured": (statistics.fmean(c for c, _ in by_cost) / statistics.fmean(m for _, m in by_cost)
+                                    if by_cost else None),
+        "cost_model_frames": len(by_cost),
         "predicted_uniform_ms": {"all-dense": cost.predict(cost.uniform("dense"), pct),
                                  "all-delta": cost.predict(cost.uniform("delta"), pct),
                                  "ort": cost.dense_engine_ms()},
@@ -167,6 +187,7 @@ def summarise(cell: dict[str, Any], clip: Sequence[Any], cost: CostModel, pct: f
                       "activity": [None if i.get("activity") is None else round(i["activity"], 4) for i in info],
                       "predicted_ms": [None if i.get("predicted_ms") is None else round(i["predicted_ms"], 2)
                                        for i in info],
+                      "cost_ms": [None if i.get("cost_ms") is None else round(i["cost_ms"], 2) for i in info],
                       "net_ms": [round(i["net_ms"], 2) for i in info], "swings": swings},
     }
 
@@ -193,7 +214,7 @@ def run_plan_benchmark(models: list[str], sizes: list[str], threads_list: list[i
                                                        dense_engine="onnxruntime"))
                         hw = ort.input_hw_for(clip[0].rgb.shape[:2])
                         for pct in filters:
-                            cell = run_cell(det, clip, imgsz, threads, pct, repeats, ort,
+                            cell = run_cell(det, clip, imgsz, threads, pct, repeats, ort, cost,
                                             lambda t=task: bar.update(t, advance=1))
                             row = {"model": model, "imgsz": f"{hw[1]}x{hw[0]}", "threads": threads,
                                    "video": video.name, **summarise(cell, clip, cost, pct), "plan": cell["note"]}
@@ -216,11 +237,12 @@ def _f(v: float | None, fmt: str = ".1f") -> str:
 def _print_table(rows: list[dict[str, Any]], console: Console) -> None:
     t = Table(title="Mixed plan vs all-dense, all-delta and ONNX Runtime (ort), end to end, ms/frame mean over "
                     "frames; mix/min = mixed / min(others) by mean (by median); pred/meas: the plan band's predicted "
-                    "network ms / measured (rel. ORT: both as ratios to ONNX Runtime's); swing max: worst mixed/ort "
+                    "network ms / measured (rel. ORT: both as ratios to ONNX Runtime's); cost/meas: the cost model "
+                    "on each delta frame's unit modes and work fractions / measured; swing max: worst mixed/ort "
                     "on exposure-swing frames; o/r/d: mixed frames on ONNX Runtime / re-seeds / delta; mAP@0.5 vs "
                     "ONNX Runtime")
     cols = ("model", "size", "thr", "video", "n", "filter", "band", "ort", "dense", "delta", "mixed",
-            "mix/min", "(median)", "pred/meas", "rel. ORT", "swing max", "o/r/d", "mAP mix", "mAP delta")
+            "mix/min", "(median)", "pred/meas", "rel. ORT", "cost/meas", "swing max", "o/r/d", "mAP mix", "mAP delta")
     for c in cols:
         t.add_column(c, justify="right")
     for r in rows:
@@ -229,7 +251,8 @@ def _print_table(rows: list[dict[str, Any]], console: Console) -> None:
         t.add_row(r["model"], r["imgsz"], str(r["threads"]), r["video"][:8], str(r["frames"]), f"{r['filter_pct']:g}",
                   r["band"]["kind"], *(_f(m[e]) for e in ("ort", "all-dense", "all-delta", "mixed")),
                   f"{flag}{r['ratio_mean']:.2f}", f"{r['ratio_median']:.2f}", _f(r["pred_plan_over_measured"], ".2f"),
-                  _f(r["pred_rel_ort_over_measured"], ".2f"), _f(r["swing_ratio_max"], ".2f"),
+                  _f(r["pred_rel_ort_over_measured"], ".2f"), _f(r.get("pred_cost_over_measured"), ".2f"),
+                  _f(r["swing_ratio_max"], ".2f"),
                   f"{d.get('ort', 0)}/{d.get('reseed', 0)}/{d.get('delta', 0)}", _f(r["map50_vs_ort"]["mixed"], ".2f"),
                   _f(r["map50_vs_ort"]["all-delta"], ".2f"))
     console.print(t)

@@ -16,10 +16,11 @@ fastest dense engine's ms (`dense_engine_ms`) and the seeding frame's ms (`seed_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from deluceva.plan import timemodel
 from deluceva.plan.store import Profile
 
 UNIT_MODES = ("delta", "dense", "auto")
@@ -47,6 +48,7 @@ class CostModel:
         self.boundaries = boundaries
         self.units = {u["name"]: u for u in profile.units}
         self.order = [u["name"] for u in profile.units]
+        self._index = {n: i for i, n in enumerate(self.order)}
         self.edges = [(src, u["name"]) for u in profile.units for src in u["inputs"] if src in self.units]
         self._curves: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -71,11 +73,40 @@ class CostModel:
             return min(self.unit_ms(name, "delta", pct, swing), self.unit_ms(name, "dense", pct, swing))
         if mode not in ("delta", "dense"):
             raise ValueError(f"unit mode must be one of {UNIT_MODES}, got {mode!r}")
-        calm = self._unit_interp(name, self.work(name, pct), "work", f"{mode}_ms")
+        calm = self.unit_ms_at_work(name, mode, self.work(name, pct))
         if swing <= 0.0 or f"swing_{mode}_ms" not in self.units[name]["points"][0]:
             return calm
         hot = self._unit_interp(name, pct, "pct", f"swing_{mode}_ms")
         return calm + min(1.0, swing) * (hot - calm)
+
+    def unit_ms_at_work(self, name: str, mode: str, work: float) -> float:
+        """Predicted ms of unit `name` in `mode` ('delta' | 'dense') processing the fraction `work` of its input."""
+        return self._unit_interp(name, work, "work", f"{mode}_ms")
+
+    def unit_ms_in_frame(self, name: str, mode: str, work: float, counts: Sequence[float] | None) -> float:
+        """Predicted ms of unit `name` in one frame where it ran in `mode`, processed the fraction `work` of its
+        input and did `counts` (timemodel.FEATURES): the profile's per-frame time model when it has one and counts
+        are given, else its work curve."""
+        model = self.time_model(mode)
+        if model is None or counts is None:  # an old profile, or no counts: the work curve
+            return self.unit_ms_at_work(name, mode, work)
+        return timemodel.unit_ms(model, self._index[name], self.units[name]["kind"].split("+")[0], counts)
+
+    def predict_frame(self, ran: Mapping[str, tuple[str, float, Sequence[float] | None]], pct: float) -> float:
+        """Predicted ms of one delta frame from what each unit did in it: `ran` maps unit name -> (mode that ran,
+        work fraction, counts or None), as DeltaNetwork.last_stats, profiler.work_fractions and
+        timemodel.unit_counts report them. Content-aware, unlike `predict`, which takes the profile clip's
+        typical work at `pct`."""
+        counts = [c for _, _, c in ran.values()]
+        model = self.time_model("delta")
+        if model is None or pct <= 0.0 or any(c is None for c in counts):  # the curves (exact runs: float64 state)
+            return self.overhead_ms(pct) + sum(self.unit_ms_at_work(n, m, w) for n, (m, w, _) in ran.items())
+        units = sum(self.unit_ms_in_frame(n, *ran[n]) for n in self.order if n in ran)
+        return timemodel.overhead_ms(model, counts) + units  # type: ignore[arg-type]
+
+    def time_model(self, mode: str) -> dict | None:
+        """The profile's per-frame time model of `mode` (timemodel; fitted on filtered frames), or None."""
+        return self.profile.meta.get("time_model", {}).get(mode)
 
     @property
     def has_swing(self) -> bool:

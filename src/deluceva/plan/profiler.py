@@ -7,6 +7,8 @@ change values (both are exact), so active fractions are the same in both passes 
 Also per percentage: the whole seeding (dense re-seed) frame, a full-frame brightness change ("swing": every unit's
 cost when nearly everything changes), the clip's mean input activity, and the fastest dense engine (ONNX Runtime)
 on the same frames, interleaved with the passes so that load changes hit both alike.
+Every (frame, unit) of the passes is also a sample of the per-frame time model (plan.timemodel), fitted per mode and
+stored in meta["time_model"]: the cost of a frame from what its units did, whatever the video.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from deluceva.delta.pixels import PixelDelta
+from deluceva.plan import timemodel
 from deluceva.plan.guard import activity
 from deluceva.plan.store import Profile, ProfileKey, fingerprint
 
@@ -62,8 +65,9 @@ def unit_graph(net: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _work_fractions(net: Any, stats: list[dict[str, Any]]) -> list[float]:
-    """Fraction of its input granules each unit processed this frame (after its filter; else the incoming one)."""
+def work_fractions(net: Any, stats: list[dict[str, Any]]) -> list[float]:
+    """Fraction of its input granules each unit of `net` processed in the frame of `stats` (net.last_stats): after
+    its filter, else the incoming active fraction. The profile's `work` axis."""
     out = []
     for s, row in zip(net.delta_steps, stats, strict=True):
         filt = next((f for f in s.filters if f is not None), None)
@@ -105,11 +109,26 @@ def run_pass(net: Any, frames: Sequence[torch.Tensor], pct: float, mode: str, ti
     seed_ms = [float(r["ms"]) for r in net.last_stats]
     rows: list[list[tuple[float, float, float]]] = [[] for _ in seed_ms]
     totals, acts = [], []
+    samples: list[tuple[int, str, tuple[float, ...], float]] = []
+    frame_samples: list[tuple[float, float]] = []
+    sizes = timemodel.unit_sizes(net) if hasattr(net, "delta_steps") and pct > 0 else None
+
+    def sample(stats: list[dict[str, Any]], total_ms: float) -> None:
+        """The frame's (unit, kind, counts, ms) and (elements touched, ms outside the units) for the time model
+        (filtered frames only: exact runs keep float64 state, another cost regime)."""
+        if sizes is None or getattr(net, "last_skipped", False):
+            return
+        counts = timemodel.unit_counts(stats, sizes)
+        for i, (row, c) in enumerate(zip(stats, counts, strict=True)):
+            samples.append((i, str(row["kind"]).split("+")[0], c, float(row["ms"])))
+        frame_samples.append((timemodel.touched(counts), total_ms - sum(float(r["ms"]) for r in stats)))
+
     for prev, x in zip(frames[:-1], frames[1:], strict=True):
         totals.append(_timed(lambda x=x: net(x)))
         acts.append(activity(x, prev, floor))
         stats = net.last_stats
-        for r, row, w in zip(rows, stats, _work_fractions(net, stats), strict=True):
+        sample(stats, totals[-1])
+        for r, row, w in zip(rows, stats, work_fractions(net, stats), strict=True):
             r.append((float(row["active_in"]), w, float(row["ms"])))
         if tick:
             tick(f"{mode} @ {pct:g}%")
@@ -122,7 +141,8 @@ def run_pass(net: Any, frames: Sequence[torch.Tensor], pct: float, mode: str, ti
         for x in (swing, frames[-1]):
             tot.append(_timed(lambda x=x: net(x)))
             stats = net.last_stats
-            for r, row, w in zip(sw, stats, _work_fractions(net, stats), strict=True):
+            sample(stats, tot[-1])
+            for r, row, w in zip(sw, stats, work_fractions(net, stats), strict=True):
                 r.append((w, float(row["ms"])))
         swing_frame_ms = statistics.fmean(tot)
         swing_activity = activity(swing, frames[-1], floor)
@@ -131,7 +151,7 @@ def run_pass(net: Any, frames: Sequence[torch.Tensor], pct: float, mode: str, ti
             u["swing_ms"] = statistics.fmean(t for _, t in r)
     return {"units": units, "frame_ms": statistics.median(totals), "seed_ms": seed_ms,
             "seed_frame_ms": seed_frame_ms, "swing_frame_ms": swing_frame_ms, "activity": statistics.fmean(acts),
-            "swing_activity": swing_activity}
+            "swing_activity": swing_activity, "samples": samples, "frame_samples": frame_samples}
 
 
 def time_dense(run: Callable[[torch.Tensor], Any], frames: Sequence[torch.Tensor]) -> float:
@@ -191,6 +211,8 @@ def profile_network(net: Any, frames: Sequence[torch.Tensor], key: ProfileKey,
     extra: dict[str, dict[str, float]] = {"seed": {}, "swing_delta": {}, "swing_dense": {}, "activity": {},
                                           "swing_activity": {}, dense_engine: {}}
     seed_ms: list[float] = []
+    samples: dict[str, list[tuple[int, str, tuple[float, ...], float]]] = {m: [] for m in modes}
+    frame_samples: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     with torch.inference_mode():
         for p in pcts:
             k = f"{float(p):g}"
@@ -199,6 +221,8 @@ def profile_network(net: Any, frames: Sequence[torch.Tensor], key: ProfileKey,
             for m in modes:
                 res = run_pass(net, frames, float(p), m, tick, input_floor, swing, seeder)
                 per[m][float(p)] = res["units"]
+                samples[m] += res["samples"]
+                frame_samples[m] += res["frame_samples"]
                 frame_ms[m][k] = res["frame_ms"]
                 seed_ms = seed_ms or res["seed_ms"]
                 if m == modes[0]:
@@ -234,6 +258,7 @@ def profile_network(net: Any, frames: Sequence[torch.Tensor], key: ProfileKey,
     meta = {"frames": len(frames), "dense_mode": "measured" if "dense" in per else "seed frame (no mode API)",
             "overhead_ms": overhead, "activity": extra["activity"], "swing_activity": extra["swing_activity"],
             "input_floor": input_floor, "seeding": "dense engine" if seeder is not None else "units",
-            "dense_engine": dense_engine if dense_run is not None else None}
+            "dense_engine": dense_engine if dense_run is not None else None,
+            "time_model": {m: timemodel.fit(v, frame_samples[m], len(graph)) for m, v in samples.items() if v}}
     bnd = boundary_costs([g["shape"] for g in graph])
     return Profile(key, fingerprint(), [float(p) for p in pcts], units, bnd, frame_ms, meta)

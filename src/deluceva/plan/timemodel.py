@@ -1,0 +1,100 @@
+"""Per-frame unit time model: a unit's ms in a delta frame from what it did in that frame.
+
+The profile's per-percentage curves (cost.py) know a unit's mean time on the profile clip; a frame of another video
+(or the same video right after a re-seed, with no backlog yet) costs what its own activity costs. Per unit and frame
+four counts describe the work, each one kernel's cost driver:
+
+  in      incoming active elements (active input positions x channels): the filter's accumulation
+  held    the filter's candidate positions (forwarded + held back): its selection pass
+  macs    multiply-accumulates done (the sparse conv's GEMM, or the dense form's whole conv)
+  out     output elements touched (active output positions x channels): state update, activation, emit
+
+Model per mode (delta, dense): ms = base[unit] + slopes[kind] . counts, with one fixed cost per unit (its dispatches)
+and slopes shared by all units of a kind (conv, add, cat, ...), fitted by non-negative least squares over every
+(frame, unit) of the profiling passes (about 85 units x 200 frames per mode for YOLOv5n). Sharing the slopes across
+units keeps the fit from learning one clip's coincidences; non-negative coefficients keep a frame with more work from
+being predicted cheaper. The network's own work outside the units (input delta, output updates, the unit loop) is
+fitted per frame as a fixed cost plus a cost per output element touched. Fitted on filtered frames only (pct > 0;
+exact runs keep float64 state); idle frames (the network skipped its unit loop) are not fitted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.optimize import nnls
+
+FEATURES: tuple[str, ...] = ("in", "held", "macs", "out")
+_SCALE = np.array([1e-6, 1e-4, 1e-8, 1e-6])  # counts -> O(1) columns for the solver
+
+
+def _elements(node: Any) -> int:
+    meta = node.meta.get("tensor_meta") if node is not None else None
+    shape = getattr(meta, "shape", None)
+    return int(math.prod(shape)) if shape is not None else 0
+
+
+def unit_sizes(net: Any) -> list[tuple[int, int]]:
+    """Per varying unit of a DeltaNetwork: (elements of its first varying input, elements of its output)."""
+    out = []
+    for s in net.delta_steps:
+        chain = list(getattr(s.unit, "fused", []))
+        first_in = s.unit.var_nodes[0] if s.unit.var_nodes else None
+        out.append((_elements(first_in), _elements(chain[-1] if chain else s.node)))
+    return out
+
+
+def unit_counts(stats: Sequence[Mapping[str, Any]], sizes: Sequence[tuple[int, int]]) -> list[tuple[float, ...]]:
+    """Per unit the counts (FEATURES) of the frame described by `stats` (DeltaNetwork.last_stats)."""
+    rows = []
+    for row, (n_in, n_out) in zip(stats, sizes, strict=True):
+        held = row.get("candidates") or 0
+        rows.append((float(row["active_in"]) * n_in, float(held), float(row["macs"]), float(row["active_out"]) * n_out))
+    return rows
+
+
+def touched(counts: Sequence[Sequence[float]]) -> float:
+    """Output elements touched in a frame over all units (the network's own per-frame work grows with it)."""
+    return float(sum(c[-1] for c in counts))
+
+
+def fit(samples: Sequence[tuple[int, str, tuple[float, ...], float]], frames: Sequence[tuple[float, float]],
+        n_units: int) -> dict[str, Any]:
+    """Fit one mode's model from unit samples (unit index, unit kind, counts, ms) and frame samples (elements
+    touched, ms outside the units). Returns {base: [ms per unit], slopes: {kind: [ms per count, per FEATURES]},
+    overhead: [ms, ms per element touched], features, samples}."""
+    kinds = sorted({k for _, k, _, _ in samples})
+    nf = len(FEATURES)
+    x = np.zeros((len(samples), n_units + nf * len(kinds)))
+    y = np.empty(len(samples))
+    for i, (u, kind, counts, ms) in enumerate(samples):
+        x[i, u] = 1.0
+        j = n_units + kinds.index(kind) * nf
+        x[i, j:j + nf] = np.asarray(counts) * _SCALE
+        y[i] = ms
+    coef, _ = nnls(x, y, maxiter=50 * x.shape[1])
+    slopes = coef[n_units:].reshape(len(kinds), nf) * _SCALE
+    overhead = [0.0, 0.0]
+    if frames:
+        fx = np.array([[1.0, t * 1e-6] for t, _ in frames])
+        oc, _ = nnls(fx, np.array([ms for _, ms in frames]))
+        overhead = [float(oc[0]), float(oc[1]) * 1e-6]
+    return {"features": list(FEATURES), "base": [float(v) for v in coef[:n_units]],
+            "slopes": {k: [float(v) for v in slopes[i]] for i, k in enumerate(kinds)}, "overhead": overhead,
+            "samples": len(samples)}
+
+
+def overhead_ms(model: Mapping[str, Any], counts: Sequence[Sequence[float]]) -> float:
+    """A fitted model's ms of the network's own work (outside its units) in a frame whose units did `counts`."""
+    c0, c1 = model.get("overhead", (0.0, 0.0))
+    return float(c0 + c1 * touched(counts))
+
+
+def unit_ms(model: Mapping[str, Any], index: int, kind: str, counts: Sequence[float]) -> float:
+    """A fitted model's ms for unit `index` (of `kind`) doing `counts` (FEATURES)."""
+    slopes = model["slopes"].get(kind)
+    extra = sum(a * c for a, c in zip(slopes, counts, strict=True)) if slopes else 0.0
+    return float(model["base"][index]) + extra
