@@ -17,7 +17,7 @@ from deluceva.errors import DelucevaError
 from deluceva.plan import CostModel, PlanSet, Profile, ProfileKey, apply_plan, make_plan, make_planset, timemodel
 from deluceva.plan.guard import DeltaCost, FrameGuard, activity
 from deluceva.plan.planner import cycle_ms
-from deluceva.plan.profiler import profile_network, work_fractions
+from deluceva.plan.profiler import profile_network, unit_sizes, work_fractions
 from deluceva.plan.session import decode_frames, resolve_plan, swing_frame
 from deluceva.plan.store import default_profile_path, fingerprint
 from deluceva.zoo.registry import load_model
@@ -105,7 +105,7 @@ def test_cost_model_prices_a_frame_from_what_its_units_did(setup):
     net.set_unit_modes(delta)
     net.filter_pct, net.config.input_floor = pct, 3 / 255
     net.reset()
-    sizes = timemodel.unit_sizes(net)
+    sizes = unit_sizes(net)
     prices = []
     with torch.inference_mode():
         for x in frames:

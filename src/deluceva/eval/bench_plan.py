@@ -35,7 +35,7 @@ from rich.table import Table
 from deluceva.engine import Engine, EngineConfig
 from deluceva.eval.metrics import weighted_ap50
 from deluceva.plan import CostModel, ProfileKey, make_planset, timemodel
-from deluceva.plan.profiler import work_fractions
+from deluceva.plan.profiler import unit_sizes, work_fractions
 from deluceva.plan.session import DEFAULT_VIDEO, find_profile, profile_model
 from deluceva.plan.store import Profile, default_profile_path
 from deluceva.video import open_source
@@ -100,7 +100,7 @@ def cost_model_ms(engine: Engine, cost: CostModel, pct: float) -> float | None:
     if getattr(engine, "last_plan_info", {}).get("decision") != "delta" or not engine.last_unit_stats:
         return None
     net, stats = engine.delta_network, engine.last_unit_stats
-    counts = timemodel.unit_counts(stats, timemodel.unit_sizes(net))
+    counts = timemodel.unit_counts(stats, unit_sizes(net))
     ran = {row["name"]: (row["mode"], w, c)
            for row, w, c in zip(stats, work_fractions(net, stats), counts, strict=True)}
     return cost.predict_frame(ran, pct)

@@ -90,13 +90,13 @@ class CostModel:
         model = self.time_model(mode)
         if model is None or counts is None:  # an old profile, or no counts: the work curve
             return self.unit_ms_at_work(name, mode, work)
-        return timemodel.unit_ms(model, self._index[name], self.units[name]["kind"].split("+")[0], counts)
+        return timemodel.unit_ms(model, self._index[name], timemodel.kind_key(self.units[name]["kind"]), counts)
 
     def predict_frame(self, ran: Mapping[str, tuple[str, float, Sequence[float] | None]], pct: float) -> float:
         """Predicted ms of one delta frame from what each unit did in it: `ran` maps unit name -> (mode that ran,
         work fraction, counts or None), as DeltaNetwork.last_stats, profiler.work_fractions and
-        timemodel.unit_counts report them. Content-aware, unlike `predict`, which takes the profile clip's
-        typical work at `pct`."""
+        timemodel.unit_counts (with profiler.unit_sizes) report them. Content-aware, unlike `predict`, which takes
+        the profile clip's typical work at `pct`."""
         counts = [c for _, _, c in ran.values()]
         model = self.time_model("delta")
         if model is None or pct <= 0.0 or any(c is None for c in counts):  # the curves (exact runs: float64 state)

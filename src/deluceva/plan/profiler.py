@@ -13,6 +13,7 @@ stored in meta["time_model"]: the cost of a frame from what its units did, whate
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,18 @@ def set_all_modes(net: Any, mode: str) -> None:
 def _out_node(step: Any) -> Any:
     chain = list(getattr(step.unit, "fused", []))
     return chain[-1] if chain else step.node
+
+
+def _elements(node: Any) -> int:
+    meta = node.meta.get("tensor_meta") if node is not None else None
+    shape = getattr(meta, "shape", None)
+    return int(math.prod(shape)) if shape is not None else 0
+
+
+def unit_sizes(net: Any) -> list[tuple[int, int]]:
+    """Per varying unit of a DeltaNetwork: (elements of its first varying input, elements of its output)."""
+    return [(_elements(s.unit.var_nodes[0] if s.unit.var_nodes else None), _elements(_out_node(s)))
+            for s in net.delta_steps]
 
 
 def unit_graph(net: Any) -> list[dict[str, Any]]:
@@ -111,7 +124,7 @@ def run_pass(net: Any, frames: Sequence[torch.Tensor], pct: float, mode: str, ti
     totals, acts = [], []
     samples: list[tuple[int, str, tuple[float, ...], float]] = []
     frame_samples: list[tuple[float, float]] = []
-    sizes = timemodel.unit_sizes(net) if hasattr(net, "delta_steps") and pct > 0 else None
+    sizes = unit_sizes(net) if hasattr(net, "delta_steps") and pct > 0 else None
 
     def sample(stats: list[dict[str, Any]], total_ms: float) -> None:
         """The frame's (unit, kind, counts, ms) and (elements touched, ms outside the units) for the time model
@@ -120,7 +133,7 @@ def run_pass(net: Any, frames: Sequence[torch.Tensor], pct: float, mode: str, ti
             return
         counts = timemodel.unit_counts(stats, sizes)
         for i, (row, c) in enumerate(zip(stats, counts, strict=True)):
-            samples.append((i, str(row["kind"]).split("+")[0], c, float(row["ms"])))
+            samples.append((i, timemodel.kind_key(row["kind"]), c, float(row["ms"])))
         frame_samples.append((timemodel.touched(counts), total_ms - sum(float(r["ms"]) for r in stats)))
 
     for prev, x in zip(frames[:-1], frames[1:], strict=True):

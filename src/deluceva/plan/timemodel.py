@@ -20,7 +20,6 @@ exact runs keep float64 state); idle frames (the network skipped its unit loop) 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,24 +30,14 @@ FEATURES: tuple[str, ...] = ("in", "held", "macs", "out")
 _SCALE = np.array([1e-6, 1e-4, 1e-8, 1e-6])  # counts -> O(1) columns for the solver
 
 
-def _elements(node: Any) -> int:
-    meta = node.meta.get("tensor_meta") if node is not None else None
-    shape = getattr(meta, "shape", None)
-    return int(math.prod(shape)) if shape is not None else 0
-
-
-def unit_sizes(net: Any) -> list[tuple[int, int]]:
-    """Per varying unit of a DeltaNetwork: (elements of its first varying input, elements of its output)."""
-    out = []
-    for s in net.delta_steps:
-        chain = list(getattr(s.unit, "fused", []))
-        first_in = s.unit.var_nodes[0] if s.unit.var_nodes else None
-        out.append((_elements(first_in), _elements(chain[-1] if chain else s.node)))
-    return out
+def kind_key(kind: str) -> str:
+    """The model's kind of a unit from its stats / profile kind ("conv+silu" -> "conv")."""
+    return str(kind).split("+")[0]
 
 
 def unit_counts(stats: Sequence[Mapping[str, Any]], sizes: Sequence[tuple[int, int]]) -> list[tuple[float, ...]]:
-    """Per unit the counts (FEATURES) of the frame described by `stats` (DeltaNetwork.last_stats)."""
+    """Per unit the counts (FEATURES) of the frame described by `stats` (DeltaNetwork.last_stats); `sizes`: per unit
+    (input elements, output elements), as profiler.unit_sizes gives them."""
     rows = []
     for row, (n_in, n_out) in zip(stats, sizes, strict=True):
         held = row.get("candidates") or 0
