@@ -123,21 +123,25 @@ def canvas_tensor(img: np.ndarray, input_hw: tuple[int, int], top: int, left: in
                   divisor: float | None = None, bgr: bool = False) -> torch.Tensor:
     """uint8 (h, w, 3) RGB image at (top, left) of a float32 (1, 3, H, W) canvas filled with `pad` grey levels,
     channels reversed when `bgr`, divided by `divisor` when given. Bit-identical to building the uint8 canvas and
-    converting it (`torch.from_numpy(canvas).permute(2, 0, 1)[None].float() / divisor`), without its copies."""
+    converting it (`torch.from_numpy(canvas).permute(2, 0, 1)[None].float() / divisor`), without its copies.
+
+    Built in NumPy (single-threaded): a handful of tiny PyTorch ops here would each wake PyTorch's OpenMP pool, whose
+    workers then busy-wait on the cores ONNX Runtime's threads need (with 2 threads the dense engine's frames took
+    up to 2x longer); and the other way round, ONNX Runtime's spinning workers made these ops take milliseconds."""
     H, W = input_hw
     h, w = img.shape[:2]
-    x = torch.empty(1, 3, H, W)
-    x[..., :top, :] = pad
-    x[..., top + h:, :] = pad
-    x[..., top:top + h, :left] = pad
-    x[..., top:top + h, left + w:] = pad
-    inner = x[0, :, top:top + h, left:left + w]
+    x = np.empty((3, H, W), np.float32)
+    x[:, :top, :] = pad
+    x[:, top + h:, :] = pad
+    x[:, top:top + h, :left] = pad
+    x[:, top:top + h, left + w:] = pad
+    inner = x[:, top:top + h, left:left + w]
     planes = cv2.split(img)
     for c, plane in enumerate(planes[::-1] if bgr else planes):
-        inner[c].copy_(torch.from_numpy(plane))
+        np.copyto(inner[c], plane, casting="unsafe")
     if divisor is not None:
-        x.div_(divisor)
-    return x
+        np.divide(x, np.float32(divisor), out=x)
+    return torch.from_numpy(x)[None]
 
 
 class Detector:
