@@ -271,18 +271,24 @@ def bench_plan(
     profile_frames: Annotated[int, typer.Option(help="Frames per profiling pass when a profile is made")] = 30,
     reprofile: Annotated[bool, typer.Option(help="Re-profile even when a fresh profile exists")] = False,
     out: Annotated[Path | None, typer.Option(help="JSON output (default bench/results/plan_<models>.json)")] = None,
+    schedule: Annotated[str | None, typer.Option(
+        help="frame: engines interleaved frame by frame; clip: each engine runs the whole clip (default: frame "
+             "with 1 thread, clip with more: another runtime's spinning threads would slow the engine that follows)"
+    )] = None,
 ) -> None:
     """Mixed plan (plan=auto) vs all-dense, all-delta and ONNX Runtime, end to end, with predicted vs measured."""
-    from deluceva.eval.bench_plan import run_plan_benchmark
+    from deluceva.eval.bench_plan import SCHEDULES, run_plan_benchmark
 
     if frames < 2 or repeats < 1:
         raise DelucevaError("--frames must be >= 2 and --repeats >= 1")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise DelucevaError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     models_ = models_ or ["yolov5n", "yolox-nano"]
     videos = video or sorted(Path("assets/video").glob("*.mp4")) + sorted(Path("assets/video").glob("*.avi"))
     out = out or Path(f"bench/results/plan_{'_'.join(models_)}.json")
     run_plan_benchmark(models_, sizes or ["768x448", "default"], threads or [1, 2],
                        [float(f) for f in filters.split(",")], videos, frames, start, repeats, profile_frames,
-                       reprofile, out, out_console, progress_bar)
+                       reprofile, out, out_console, progress_bar, schedule)
 
 
 @bench_app.command("ops", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

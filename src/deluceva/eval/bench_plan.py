@@ -1,10 +1,14 @@
 """Mixed-plan benchmark (issue 5): the planned network (plan=auto) vs all units dense, all units delta and the fastest
 dense engine (ONNX Runtime), end to end on the shipped videos.
 
-Per (model, input size, threads, video, filtering percentage) the same decoded frames run through four engines,
-interleaved frame by frame so that load changes on a shared machine hit all of them alike (a seeded random order
-every frame: with 2 threads an engine pays for the previous one's thread pool still spinning; the mixed engine
-and the ORT engine share one ONNX Runtime session):
+Per (model, input size, threads, video, filtering percentage) the same decoded frames run through four engines, in
+one of two schedules (`SCHEDULES`; the mixed engine and the ORT engine share one ONNX Runtime session):
+  frame  interleaved frame by frame (a seeded random order every frame), so that load changes on a shared machine
+         hit all engines alike; the default with 1 thread.
+  clip   each engine runs the whole clip, the engines in a seeded random order per repeat; the default with more
+         threads: there, an engine that follows another pays for the other runtime's thread pool still spinning on
+         the cores (PyTorch's OpenMP workers after a PyTorch engine slowed the next ONNX Runtime frame of YOLOX-Nano
+         416 from ~10 to ~15 ms), a cost that a deployed engine, running alone, does not pay.
   mixed      Engine(mode=delta, plan=auto): this machine's profile -> plan bands (units | ort) + per-frame guard
   all-dense  Engine(mode=delta, plan=dense): every unit in its dense (torch) form
   all-delta  Engine(mode=delta, plan=delta): every unit in its delta form
@@ -106,11 +110,21 @@ def cost_model_ms(engine: Engine, cost: CostModel, pct: float) -> float | None:
     return cost.predict_frame(ran, pct)
 
 
+SCHEDULES = ("frame", "clip")
+
+
+def default_schedule(threads: int) -> str:
+    """'frame' with 1 thread, 'clip' with more (module docs)."""
+    return "frame" if threads == 1 else "clip"
+
+
 def run_cell(det: Any, clip: Sequence[Any], imgsz: str | None, threads: int, pct: float, repeats: int,
-             ort: Engine, cost: CostModel, tick: Any = None) -> dict[str, Any]:
-    """Interleaved runs of the four engines over `clip` at `pct`; per engine per frame ms (median over repeats),
-    the mixed engine's per-frame info (first repeat, with the cost model's ms of its delta frames) and detections
-    (first repeat)."""
+             ort: Engine, cost: CostModel, tick: Any = None, schedule: str = "frame") -> dict[str, Any]:
+    """Runs of the four engines over `clip` at `pct` in `schedule` order (module docs); per engine per frame ms
+    (median over repeats), the mixed engine's per-frame info (first repeat, with the cost model's ms of its delta
+    frames) and detections (first repeat). tick: called once per frame and engine run."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     ms: dict[str, list[list[float]]] = {e: [[] for _ in clip] for e in ENGINES}
     info: list[dict[str, Any]] = []
     dets: dict[str, list[Detections]] = {e: [] for e in ENGINES}
@@ -118,19 +132,20 @@ def run_cell(det: Any, clip: Sequence[Any], imgsz: str | None, threads: int, pct
         engines = _engines(det, imgsz, threads, pct, ort)
         for eng in engines.values():
             eng.ensure_prepared(clip[0].rgb.shape[:2])
-        names, rng = list(engines), np.random.default_rng(r)
-        for i, f in enumerate(clip):
-            # a new order every frame (seeded): with 2 threads an engine pays for the previous one's thread pool
-            # still spinning, so no engine may always follow the same one
-            for name in rng.permutation(names):
-                eng = engines[name]
-                rec = eng.process(f)
-                ms[name][i].append(rec["ms"])
-                if r == 0:
-                    dets[name].append(Detections.from_records(rec["detections"]))
-                    if name == "mixed":
-                        info.append({**getattr(eng, "last_plan_info", {}), "mode": rec["mode"], "ms": rec["ms"],
-                                     "cost_ms": cost_model_ms(eng, cost, pct)})
+        rng = np.random.default_rng(r)
+        if schedule == "frame":
+            order = [(str(name), i) for i in range(len(clip)) for name in rng.permutation(list(engines))]
+        else:
+            order = [(str(name), i) for name in rng.permutation(list(engines)) for i in range(len(clip))]
+        for name, i in order:
+            eng = engines[name]
+            rec = eng.process(clip[i])
+            ms[name][i].append(rec["ms"])
+            if r == 0:
+                dets[name].append(Detections.from_records(rec["detections"]))
+                if name == "mixed":
+                    info.append({**getattr(eng, "last_plan_info", {}), "mode": rec["mode"], "ms": rec["ms"],
+                                 "cost_ms": cost_model_ms(eng, cost, pct)})
             if tick:
                 tick()
     per_frame = {e: [statistics.median(v) for v in ms[e]] for e in ENGINES}
@@ -194,8 +209,10 @@ def summarise(cell: dict[str, Any], clip: Sequence[Any], cost: CostModel, pct: f
 
 def run_plan_benchmark(models: list[str], sizes: list[str], threads_list: list[int], filters: list[float],
                        videos: list[Path], frames: int, start: float, repeats: int, profile_frames: int,
-                       reprofile: bool, out: Path, console: Console, progress_factory: Any) -> dict[str, Any]:
-    """Run the benchmark matrix; print the table; write JSON to `out` (per-frame series included)."""
+                       reprofile: bool, out: Path, console: Console, progress_factory: Any,
+                       schedule: str | None = None) -> dict[str, Any]:
+    """Run the benchmark matrix; print the table; write JSON to `out` (per-frame series included). schedule:
+    'frame' | 'clip' | None (per thread count: `default_schedule`)."""
     rows: list[dict[str, Any]] = []
     clips = {v: decode(v, frames, start) for v in videos}
     for model in models:
@@ -207,7 +224,8 @@ def run_plan_benchmark(models: list[str], sizes: list[str], threads_list: list[i
                 prof = ensure_profile(model, imgsz, threads, profile_frames, reprofile, console, progress_factory)
                 cost = CostModel(prof)
                 with progress_factory() as bar:
-                    total = len(videos) * len(filters) * repeats * frames
+                    total = len(videos) * len(filters) * repeats * frames * len(ENGINES)
+                    sched = schedule or default_schedule(threads)
                     task = bar.add_task(f"{model} {size} t{threads}", total=total, rate="")
                     for video, clip in clips.items():
                         ort = Engine(det, EngineConfig(mode="dense", imgsz=imgsz, threads=threads,
@@ -215,9 +233,10 @@ def run_plan_benchmark(models: list[str], sizes: list[str], threads_list: list[i
                         hw = ort.input_hw_for(clip[0].rgb.shape[:2])
                         for pct in filters:
                             cell = run_cell(det, clip, imgsz, threads, pct, repeats, ort, cost,
-                                            lambda t=task: bar.update(t, advance=1))
+                                            lambda t=task: bar.update(t, advance=1), sched)
                             row = {"model": model, "imgsz": f"{hw[1]}x{hw[0]}", "threads": threads,
-                                   "video": video.name, **summarise(cell, clip, cost, pct), "plan": cell["note"]}
+                                   "video": video.name, "schedule": sched, **summarise(cell, clip, cost, pct),
+                                   "plan": cell["note"]}
                             rows.append(row)
     _print_table(rows, console)
     meta = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
