@@ -17,6 +17,7 @@ import torch
 from deluceva.dense import DenseRun, make_dense, resolve_dense_engine
 from deluceva.errors import DelucevaError
 from deluceva.plan import apply_plan
+from deluceva.threads import single_threaded
 from deluceva.zoo.base import Detections, Detector
 
 Mode = Literal["dense", "delta"]
@@ -211,7 +212,8 @@ class Engine:
         if band == "ort":
             act = None  # not needed: the whole band runs on the dense engine
         else:
-            act = 1.0 if prev is None or prev.shape != x.shape else activity(x, prev, floor)
+            with single_threaded():
+                act = 1.0 if prev is None or prev.shape != x.shape else activity(x, prev, floor)
         now = self._dense_ms or float(plan.dense_ms)
         load = min(2.0, max(0.5, now / float(plan.dense_ms)))  # profile times -> this machine's load now
         cost = DeltaCost(float(plan.delta_ms), float(plan.swing_ms or plan.delta_ms), float(plan.activity),
@@ -246,9 +248,12 @@ class Engine:
         In delta mode, a frame that changed none of the network's outputs (`DeltaNetwork.last_changed` False: the
         outputs are exactly the previous call's) reuses the previous frame's detections without post-processing."""
         hw = self.ensure_prepared(rgb.shape[:2])
-        x, geo = self.detector.preprocess(rgb, hw)
+        with single_threaded():  # small work between runs of the network (deluceva.threads)
+            x, geo = self.detector.preprocess(rgb, hw)
         if self.config.mode == "dense":
-            return self.detector.postprocess(self._dense[hw](x), geo), "dense"
+            outs = self._dense[hw](x)
+            with single_threaded():
+                return self.detector.postprocess(outs, geo), "dense"
         outs, mode = self._run_delta(x)
         net = self._delta
         frame = getattr(net, "frames_since_reset", None)
@@ -257,7 +262,8 @@ class Engine:
                 and not getattr(net, "last_changed", True)):
             self._last_delta_dets = (frame, geo, last[2])
             return last[2], mode
-        dets = self.detector.postprocess(outs, geo)
+        with single_threaded():
+            dets = self.detector.postprocess(outs, geo)
         self._last_delta_dets = (frame, geo, dets) if mode != "dense" else None
         return dets, mode
 
