@@ -131,3 +131,46 @@ def test_switching_granularity_and_pct_between_frames_conserves(kernels):
             sent.index_add_(0, out.index, out.values)
         torch.testing.assert_close(sent + f.r, total, rtol=0, atol=1e-6)
     assert float(f.r.abs().max()) == 0.0 and not f.pending  # at 0% everything pending went out
+
+
+def test_select_forward_percentage_of_all_positions():
+    mags = torch.arange(1.0, 41.0)  # 40 candidates among 1000 positions
+    assert int(select_forward(mags, 90, 0, total=1000).sum()) == 40  # 10% of 1000 = 100 >= 40: all forwarded
+    keep = select_forward(mags, 99, 0, total=1000)  # 1% of 1000 = 10: the 10 largest
+    assert int(keep.sum()) == 10 and bool(keep[-10:].all())
+
+
+@pytest.mark.parametrize("granularity", ["element", "pixel", "tile"])
+def test_pixel_filter_percentage_of_positions_forwards_sparse_changes_and_caps_dense_ones(kernels, granularity):
+    """percent_of="positions": every change passes while fewer than (100 - pct)% of the granules changed; when more
+    changed, (100 - pct)% of all granules pass (the largest); nothing is dropped either way."""
+    g = torch.Generator().manual_seed(7)
+    shape = (1, 4, 40, 50)  # 2000 pixels, 8000 elements, 130 tiles of 4x4
+    cfg = FilterConfig(filter_pct=90, granularity=granularity, tile=4, percent_of="positions")
+    f = PixelFilter(cfg)
+    f.seed(torch.zeros(shape))
+    sent = torch.zeros(2000, 4)
+    total = torch.zeros_like(sent)
+    for frac in (0.01, 0.02, 0.6, 0.6, 0.0):
+        d = _random_delta(shape, frac, g) if frac else None
+        if d is not None:
+            total.index_add_(0, d.index, d.values)
+        pending = f.candidates - f.forwarded
+        out = f(d)
+        if out is not None:
+            sent.index_add_(0, out.index, out.values)
+        torch.testing.assert_close(sent + f.r, total, rtol=0, atol=1e-6)
+        cap = round(0.1 * f.granules)
+        assert f.forwarded == min(f.candidates, cap)
+        if frac == 0.01 and pending == 0:
+            assert f.forwarded == f.candidates > 0 and float(f.r.abs().max()) == 0.0  # sparse: all of it passes
+        if frac == 0.6:
+            assert f.candidates > cap and f.forwarded == cap  # dense: capped at 10% of all granules
+
+
+def test_percent_of_is_validated():
+    from deluceva.engine import EngineConfig
+    from deluceva.errors import DelucevaError
+
+    with pytest.raises(DelucevaError, match="--filter-of"):
+        EngineConfig(mode="delta", filter_of="pixels")

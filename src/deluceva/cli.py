@@ -45,6 +45,10 @@ def detect(
     relative_floor: Annotated[float, typer.Option(
         help="Delta mode, --filter > 0: every filter also holds back changes up to this fraction of its input's "
              "std (e.g. 0.3 with --filter 0.01 --plan delta: profiles and plans are made without it)")] = 0.0,
+    filter_of: Annotated[str, typer.Option(
+        help="Delta mode: --filter is a percentage of each filter's changed positions (changes) or of all its "
+             "positions (positions: at most 100 - P % forwarded; profiles and plans are made with changes)")
+    ] = "changes",
     fps: Annotated[float | None, typer.Option(help="Sample F frames per second by timestamps")] = None,
     start: Annotated[float, typer.Option(help="Start at this many seconds")] = 0.0,
     max_frames: Annotated[int | None, typer.Option(help="Stop after N processed frames")] = None,
@@ -65,7 +69,7 @@ def detect(
 
     config = EngineConfig(mode=mode, imgsz=imgsz, filter_pct=filter_pct, threads=threads,  # type: ignore[arg-type]
                           dense_engine=dense_engine, refresh_every=refresh_every, plan=plan,
-                          relative_floor=relative_floor)
+                          relative_floor=relative_floor, filter_of=filter_of)
     if max_frames is not None and max_frames < 1:
         raise DelucevaError(f"--max-frames must be >= 1, got {max_frames}")
     if stats is not None and mode != "delta":
@@ -245,6 +249,8 @@ def bench_delta(
     dense_engine: Annotated[str, typer.Option(help="Dense baseline engine")] = "auto",
     relative_floor: Annotated[float, typer.Option(help="Delta engine's relative floor (see detect)")] = 0.0,
     plan: Annotated[str, typer.Option(help="Delta engine's plan: auto | dense | delta | FILE")] = "auto",
+    filter_of: Annotated[str, typer.Option(help="Delta engine's --filter-of: changes | positions (see detect)")
+                         ] = "changes",
     out: Annotated[Path, typer.Option(help="JSON output")] = Path("bench/results/delta.json"),
 ) -> None:
     """End to end: delta engine vs the fastest dense engine, speed-up and mAP@0.5 against dense."""
@@ -253,7 +259,7 @@ def bench_delta(
     videos = video or sorted(Path("assets/video").glob("*.mp4")) + sorted(Path("assets/video").glob("*.avi"))
     run_delta_benchmark(model, imgsz, videos, frames, fps, [float(f) for f in filters.split(",")], threads,
                         refresh_every, dense_engine, out, out_console, progress_bar, relative_floor=relative_floor,
-                        plan=plan)
+                        plan=plan, filter_of=filter_of)
 
 
 @bench_app.command("plan")

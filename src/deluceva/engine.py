@@ -21,6 +21,7 @@ from deluceva.threads import single_threaded
 from deluceva.zoo.base import Detections, Detector
 
 Mode = Literal["dense", "delta"]
+FILTER_OF = ("changes", "positions")
 
 
 class FrameLike(Protocol):
@@ -37,6 +38,8 @@ class EngineConfig:
     input_noise_floor: with filter_pct > 0, input changes up to this many grey levels (codec noise) wait until they
     accumulate beyond it (converted with the detector's input_scale); relative_floor: with filter_pct > 0, every
     filter also holds back changes up to this fraction of its input's std. At filter_pct = 0 both are off (exact).
+    filter_of: what filter_pct is a percentage of: "changes" (each filter's changed positions) or "positions" (all
+    its positions: at most (100 - filter_pct)% forwarded, every change while fewer changed; FilterConfig.percent_of).
     plan: delta mode's physical plan, auto | dense | delta | plan/profile file (see deluceva.plan).
     dense_seed: in delta mode, seeding frames (the first, re-seeds) take the units' full values from one ONNX Runtime
     run of the network with its intermediate tensors exported (deluceva.seeding) when the dense engine is ONNX
@@ -50,6 +53,7 @@ class EngineConfig:
     refresh_every: int | None = None
     input_noise_floor: float = 3.0
     relative_floor: float = 0.0
+    filter_of: str = "changes"
     plan: str = "auto"
     dense_seed: bool = True
 
@@ -58,6 +62,8 @@ class EngineConfig:
             raise DelucevaError(f"--mode must be dense or delta, got {self.mode!r}")
         if not 0.0 <= self.filter_pct < 100.0:
             raise DelucevaError(f"--filter must be in [0, 100), got {self.filter_pct}")
+        if self.filter_of not in FILTER_OF:
+            raise DelucevaError(f"--filter-of must be one of {', '.join(FILTER_OF)}, got {self.filter_of!r}")
         if self.relative_floor < 0.0:
             raise DelucevaError(f"--relative-floor must be >= 0, got {self.relative_floor}")
         if self.threads < 1:
@@ -100,6 +106,8 @@ class Engine:
             self._delta = convert(self.detector.network, torch.zeros(1, 3, *hw), filter_pct=self.config.filter_pct)
             self._plans, self.plan_note = resolve_plan(self.config.plan,
                                                        ProfileKey(self.detector.name, hw, self.config.threads))
+            if self.config.filter_of != "changes" and not isinstance(self._plans, str):
+                self.plan_note += " (the profile was measured with --filter-of changes: its predictions assume it)"
         if self.config.mode == "delta":
             self._prepare_dense_engine(hw)
             self._prepare_seeder(hw)
@@ -168,6 +176,7 @@ class Engine:
         floor = cfg.input_noise_floor * scale if on else 0.0
         net.config.input_floor = floor
         net.config.relative_floor = cfg.relative_floor if on else 0.0
+        net.config.percent_of = cfg.filter_of
         decision, act, guard = self._guard_decision(plan, x, floor)
         if decision != "ort" and plan is not None and plan.kind == "ort":  # probing a dense-engine band's units
             apply_plan(net, dataclasses.replace(plan, kind="units"), cfg.filter_pct)

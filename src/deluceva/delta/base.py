@@ -44,6 +44,9 @@ class FilterConfig:
     float32 halves the memory traffic of state updates. filtered_state_dtype: the state dtype of states seeded while
     filtering (not `exact`; None: state_dtype always): the filters' own error dwarfs float32 accumulation rounding, and
     float32 state makes delta frames ~15% and seeds cheaper (YOLOv5n 768x448).
+    percent_of: what filter_pct is a percentage of. "changes": every filter holds back that share of its granules
+    with a pending delta, however few changed. "positions": of all its granules (unchanged ones count as held back),
+    i.e. it forwards at most (100 - filter_pct)% of the tensor's positions, and every change while fewer changed.
     """
 
     filter_pct: float = 0.0
@@ -54,6 +57,7 @@ class FilterConfig:
     input_floor: float = 0.0  # the network input's filter: pixels whose accumulated change is <= it wait (input units)
     relative_floor: float = 0.0  # each filter's floor = relative_floor * std of its input at the last dense frame
     filtered_state_dtype: torch.dtype | None = torch.float32
+    percent_of: str = "changes"  # filter_pct of what: "changes" (the granules with a pending delta) | "positions" (all)
 
     @property
     def seed_state_dtype(self) -> torch.dtype:

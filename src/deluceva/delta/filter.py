@@ -3,11 +3,12 @@
 State per filter: residual r (4-D inputs: channels-last rows (N*H*W, C); other inputs: the flat tensor) and the
 per-pixel magnitude m = max over channels of |r| (0 = nothing pending there). Per frame: a = r + incoming delta
 (only touched pixels change); among the granules with non-zero a, forward the largest (100 - filter_pct)% and never
-one whose magnitude is <= noise_floor; the rest stays in r. Granularity (FilterConfig.granularity): "element" (every
-value), "pixel" (all channels of one position; the default), "tile" (T x T pixels). The threshold is the k-th
-smallest candidate magnitude (`torch.kthvalue`, a selection, no sort). Nothing is ever dropped:
-r_before + Δ = r_after + forwarded. With filter_pct = 0 and noise_floor = 0 and nothing pending, the incoming delta
-passes through untouched.
+one whose magnitude is <= noise_floor; the rest stays in r. With FilterConfig.percent_of "positions" the
+percentage is of all granules: the largest (100 - filter_pct)% of them, every candidate while fewer changed.
+Granularity (FilterConfig.granularity): "element" (every value), "pixel" (all channels of one position; the
+default), "tile" (T x T pixels). The threshold is the k-th smallest candidate magnitude (`torch.kthvalue`, a
+selection, no sort). Nothing is ever dropped: r_before + Δ = r_after + forwarded. With filter_pct = 0 and
+noise_floor = 0 and nothing pending, the incoming delta passes through untouched.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from deluceva.delta.base import Delta, FilterConfig, pixels_from_dense, to_dense
 from deluceva.delta.pixels import PixelDelta
 
 
-def select_forward(mags: torch.Tensor, pct: float, noise_floor: float) -> torch.Tensor:
-    """bool mask over candidate magnitudes (all > 0): the largest (100 - pct)% and > noise_floor."""
+def select_forward(mags: torch.Tensor, pct: float, noise_floor: float, total: int | None = None) -> torch.Tensor:
+    """bool mask over candidate magnitudes (all > 0): the largest (100 - pct)% and > noise_floor. total: the
+    percentage is of that many granules (all positions; the candidates are some of them), not of the candidates."""
     n = mags.numel()
-    hold = int(round(min(100.0, max(0.0, pct)) / 100.0 * n))
+    hold = held_count(pct, n, total)
     if hold <= 0:
         keep = torch.ones(n, dtype=torch.bool)
     elif hold >= n:
@@ -40,9 +42,18 @@ def select_forward(mags: torch.Tensor, pct: float, noise_floor: float) -> torch.
     return keep
 
 
-def holds_all(pct: float, n: int) -> bool:
+def held_count(pct: float, n: int, total: int | None = None) -> int:
+    """How many of n candidates `select_forward` holds back by the percentage alone (of n, or of `total`
+    granules: then n minus the (100 - pct)% of total it forwards, at least 0)."""
+    p = min(100.0, max(0.0, pct)) / 100.0
+    if total is None:
+        return int(round(p * n))
+    return max(0, n - int(round((1.0 - p) * total)))
+
+
+def holds_all(pct: float, n: int, total: int | None = None) -> bool:
     """Whether `select_forward` at `pct` holds back every one of n candidates (by the percentage alone)."""
-    return int(round(min(100.0, max(0.0, pct)) / 100.0 * n)) >= n
+    return held_count(pct, n, total) >= n
 
 
 STD_SAMPLES = 1 << 12
@@ -69,7 +80,11 @@ class _Stats:
     def quiet(self) -> bool:
         """Whether a call without new delta would forward nothing and change nothing: nothing pending, or the
         percentage holds back every pending granule (the granules left after the last call)."""
-        return not self.pending or holds_all(self.config.filter_pct, self.candidates - self.forwarded)
+        return not self.pending or holds_all(self.config.filter_pct, self.candidates - self.forwarded, self._total())
+
+    def _total(self) -> int | None:
+        """The granule count the percentage is of (FilterConfig.percent_of), None: of the candidates."""
+        return self.granules if self.config.percent_of == "positions" else None
 
     def skip(self) -> None:
         """Stand for a call without new delta when `quiet()`: the pending granules stay candidates, none forwarded."""
@@ -160,7 +175,8 @@ class PixelFilter(_Stats):
         if self._kf:  # the kernel forwards round((100 - pct)% of its candidates), rounding halves up
             n = kernels_bridge.pending_candidates(self._kf)
             keep = min(1.0, max(0.0, (100.0 - self.config.filter_pct) / 100.0))
-            return int(keep * n + 0.5) == 0
+            base = self.m.numel() if self.config.percent_of == "positions" else n
+            return min(n, int(keep * base + 0.5)) == 0
         return super().quiet()
 
     def skip(self) -> None:
@@ -204,7 +220,7 @@ class PixelFilter(_Stats):
             out = self._select_tiles(cand, pct, floor)
         else:
             self.granules = self.m.numel()
-            keep = select_forward(self.m.index_select(0, cand), pct, floor)
+            keep = select_forward(self.m.index_select(0, cand), pct, floor, self._total())
             fwd = cand[keep]
             self.candidates, self.forwarded = int(cand.numel()), int(fwd.numel())
             out = self._emit(fwd)
@@ -215,7 +231,7 @@ class PixelFilter(_Stats):
             d = PixelDelta.empty(self.shape, self.r.dtype)
         elif not isinstance(d, PixelDelta):
             d = pixels_from_dense(d)
-        out = kf(d, pct, floor)
+        out = kf(d, pct, floor, self.config.percent_of == "positions")
         remaining = kernels_bridge.pending_candidates(kf)
         self.granules = self.m.numel()
         self.forwarded = out.active
@@ -238,11 +254,11 @@ class PixelFilter(_Stats):
         tmag = torch.zeros(self.num_tiles, dtype=self.m.dtype)
         tmag.scatter_reduce_(0, tid, self.m.index_select(0, cand), "amax", include_self=True)
         tiles = tmag.nonzero().squeeze(1)
-        keep = select_forward(tmag.index_select(0, tiles), pct, floor)
+        self.granules = self.num_tiles
+        keep = select_forward(tmag.index_select(0, tiles), pct, floor, self._total())
         keep_tile = torch.zeros(self.num_tiles, dtype=torch.bool)
         keep_tile[tiles[keep]] = True
         fwd = cand[keep_tile.index_select(0, tid)]
-        self.granules = self.num_tiles
         self.candidates, self.forwarded = int(tiles.numel()), int(keep.sum())
         out = self._emit(fwd)
         self.pending = bool(self.m.any()) if self.forwarded < self.candidates else False
@@ -252,10 +268,10 @@ class PixelFilter(_Stats):
         rows = self.r.index_select(0, cand)
         mag = rows.abs()
         nz = mag > 0
-        keep_nz = select_forward(mag[nz], pct, floor)
+        self.granules = self.r.numel()
+        keep_nz = select_forward(mag[nz], pct, floor, self._total())
         keep = torch.zeros_like(nz)
         keep[nz] = keep_nz
-        self.granules = self.r.numel()
         self.candidates, self.forwarded = int(keep_nz.numel()), int(keep_nz.sum())
         fwd_row = keep.any(1)
         fwd = cand[fwd_row]
@@ -292,7 +308,8 @@ class DenseFilter(_Stats):
             self.r = self.r + to_dense(d, self.r.shape, self.r.dtype)
         flat = self.r.reshape(-1)
         cand = flat.nonzero().squeeze(1)
-        keep = select_forward(flat.index_select(0, cand).abs(), cfg.filter_pct, cfg.noise_floor)
+        total = flat.numel() if cfg.percent_of == "positions" else None
+        keep = select_forward(flat.index_select(0, cand).abs(), cfg.filter_pct, cfg.noise_floor, total)
         fwd = cand[keep]
         self.candidates, self.forwarded = int(cand.numel()), int(fwd.numel())
         self.pending = self.forwarded < self.candidates

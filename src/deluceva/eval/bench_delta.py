@@ -153,8 +153,9 @@ def overhead_line(o: dict) -> str:
 def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frames: int, fps: float | None,
                         filters: list[float], threads: int, refresh_every: int | None, dense_engine: str,
                         out: Path, console: Console, progress_factory, overhead: bool = True,
-                        relative_floor: float = 0.0, plan: str = "auto") -> dict:
-    """Run the benchmark (see module docs); relative_floor and plan are the delta engine's (EngineConfig)."""
+                        relative_floor: float = 0.0, plan: str = "auto", filter_of: str = "changes") -> dict:
+    """Run the benchmark (see module docs); relative_floor, plan and filter_of are the delta engine's
+    (EngineConfig)."""
     torch.set_num_threads(threads)
     det = load_model(model)
     rows: list[dict] = []
@@ -178,10 +179,11 @@ def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frame
             for pct in filters:
                 eng = Engine(det, EngineConfig(mode="delta", imgsz=imgsz, threads=threads, filter_pct=pct,
                                                refresh_every=refresh_every, relative_floor=relative_floor,
-                                               plan=plan))
+                                               plan=plan, filter_of=filter_of))
                 got, ms, modes, units = _run(eng, clip)
                 steady = ms[1:] or ms  # the first frame seeds the state densely
-                rows.append({**base, "filter_pct": pct, "relative_floor": relative_floor, "plan": plan,
+                rows.append({**base, "filter_pct": pct, "filter_of": filter_of, "relative_floor": relative_floor,
+                             "plan": plan,
                              "delta_ms_mean": statistics.fmean(ms),
                              "delta_ms_median": statistics.median(steady),
                              "speedup_mean": statistics.fmean(dense_ms) / statistics.fmean(ms),

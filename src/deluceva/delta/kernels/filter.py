@@ -4,7 +4,8 @@ State (persistent, channels-last): residual rows r (N*H*W, C), per-pixel magnitu
 a candidate list of the pixels with m > 0, so that a frame costs O(changed pixels), never O(tensor).
 
 Per call: r[idx] += Δ and m[idx] = max_c |r[idx]|; among the candidates (m > 0) exactly k = round((100 - pct)
-/ 100 * n_candidates) pixels with the largest m are chosen (k-th largest by partition over the candidates
+/ 100 * n_candidates) pixels with the largest m are chosen (with `of_positions`: k = min(n_candidates,
+round((100 - pct) / 100 * N*H*W)), the percentage of all pixels) (k-th largest by partition over the candidates
 only, ties broken by candidate order), those with m <= noise_floor are dropped from the choice; the chosen
 pixels are emitted as a PixelDelta (sorted indices, their full residual rows) and r, m are zeroed there.
 Nothing is lost: r_before + Δ == r_after + forwarded, bit for bit.
@@ -41,7 +42,7 @@ def _accumulate_nb(idx, vals, r, m, in_cand, cand, ncand):
 
 
 @jit
-def _select_nb(r, m, in_cand, cand, ncand, keep_frac, floor, scratch):
+def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch):
     """Choose, forward and clear pixels (see module doc). Returns (sorted index, rows, new candidate count)."""
     # drop candidates whose magnitude went back to exactly 0
     n = 0
@@ -52,7 +53,8 @@ def _select_nb(r, m, in_cand, cand, ncand, keep_frac, floor, scratch):
             n += 1
         else:
             in_cand[p] = 0
-    k = int(np.floor(keep_frac * n + 0.5))
+    k = int(np.floor(keep_frac * (m.shape[0] if of_positions else n) + 0.5))
+    k = min(k, n)
     mc = np.empty(n, np.float32)
     for j in range(n):
         mc[j] = m[cand[j]]
@@ -199,8 +201,9 @@ class PixelFilter:
         self._in_cand_t[new] = True
         self._cand_t = torch.cat([self._cand_t, new])
 
-    def select(self, pct: float, noise_floor: float = 0.0) -> PixelDelta:
-        """Forward the largest (100 - pct)% of the candidates (minus those <= noise_floor); clear them."""
+    def select(self, pct: float, noise_floor: float = 0.0, of_positions: bool = False) -> PixelDelta:
+        """Forward the largest (100 - pct)% of the candidates (of all pixels if `of_positions`, at most every
+        candidate), minus those <= noise_floor; clear them."""
         keep_frac = min(1.0, max(0.0, (100.0 - float(pct)) / 100.0))
         if self.backend == "numba":
             if self._ncand == 0:
@@ -212,24 +215,26 @@ class PixelFilter:
                 self._cand,
                 self._ncand,
                 keep_frac,
+                bool(of_positions),
                 np.float32(noise_floor),
                 self._scratch,
             )
             return PixelDelta(torch.from_numpy(fidx), torch.from_numpy(out), self.shape)
-        return self._select_torch(keep_frac, noise_floor)
+        return self._select_torch(keep_frac, noise_floor, of_positions)
 
-    def __call__(self, delta: PixelDelta, pct: float, noise_floor: float = 0.0) -> PixelDelta:
+    def __call__(self, delta: PixelDelta, pct: float, noise_floor: float = 0.0, of_positions: bool = False
+                 ) -> PixelDelta:
         self.accumulate(delta)
-        return self.select(pct, noise_floor)
+        return self.select(pct, noise_floor, of_positions)
 
-    def _select_torch(self, keep_frac: float, noise_floor: float) -> PixelDelta:
+    def _select_torch(self, keep_frac: float, noise_floor: float, of_positions: bool = False) -> PixelDelta:
         cand = self._cand_t
         mc = self.magnitude.index_select(0, cand)
         pos = mc.gt(0)
         self._in_cand_t[cand[~pos]] = False
         cand, mc = cand[pos], mc[pos]
         n = cand.numel()
-        k = int(np.floor(keep_frac * n + 0.5))
+        k = min(n, int(np.floor(keep_frac * (self.magnitude.numel() if of_positions else n) + 0.5)))
         chosen = torch.zeros(n, dtype=torch.bool)
         if k >= n:
             chosen[:] = True
