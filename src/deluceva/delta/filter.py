@@ -82,9 +82,14 @@ class _Stats:
         percentage holds back every pending granule (the granules left after the last call)."""
         return not self.pending or holds_all(self.config.filter_pct, self.candidates - self.forwarded, self._total())
 
+    @property
+    def _of_positions(self) -> bool:
+        """Whether filter_pct is a percentage of all granules (FilterConfig.percent_of), not of the candidates."""
+        return self.config.percent_of == "positions"
+
     def _total(self) -> int | None:
-        """The granule count the percentage is of (FilterConfig.percent_of), None: of the candidates."""
-        return self.granules if self.config.percent_of == "positions" else None
+        """The granule count the percentage is of, None: of the candidates."""
+        return self.granules if self._of_positions else None
 
     def skip(self) -> None:
         """Stand for a call without new delta when `quiet()`: the pending granules stay candidates, none forwarded."""
@@ -175,8 +180,8 @@ class PixelFilter(_Stats):
         if self._kf:  # the kernel forwards round((100 - pct)% of its candidates), rounding halves up
             n = kernels_bridge.pending_candidates(self._kf)
             keep = min(1.0, max(0.0, (100.0 - self.config.filter_pct) / 100.0))
-            base = self.m.numel() if self.config.percent_of == "positions" else n
-            return min(n, int(keep * base + 0.5)) == 0
+            total = self._total()  # the kernel set granules = m.numel() when it ran
+            return min(n, int(keep * (n if total is None else total) + 0.5)) == 0
         return super().quiet()
 
     def skip(self) -> None:
@@ -231,7 +236,7 @@ class PixelFilter(_Stats):
             d = PixelDelta.empty(self.shape, self.r.dtype)
         elif not isinstance(d, PixelDelta):
             d = pixels_from_dense(d)
-        out = kf(d, pct, floor, self.config.percent_of == "positions")
+        out = kf(d, pct, floor, self._of_positions)
         remaining = kernels_bridge.pending_candidates(kf)
         self.granules = self.m.numel()
         self.forwarded = out.active
@@ -308,8 +313,7 @@ class DenseFilter(_Stats):
             self.r = self.r + to_dense(d, self.r.shape, self.r.dtype)
         flat = self.r.reshape(-1)
         cand = flat.nonzero().squeeze(1)
-        total = flat.numel() if cfg.percent_of == "positions" else None
-        keep = select_forward(flat.index_select(0, cand).abs(), cfg.filter_pct, cfg.noise_floor, total)
+        keep = select_forward(flat.index_select(0, cand).abs(), cfg.filter_pct, cfg.noise_floor, self._total())
         fwd = cand[keep]
         self.candidates, self.forwarded = int(cand.numel()), int(fwd.numel())
         self.pending = self.forwarded < self.candidates

@@ -4,9 +4,9 @@ State (persistent, channels-last): residual rows r (N*H*W, C), per-pixel magnitu
 a candidate list of the pixels with m > 0, so that a frame costs O(changed pixels), never O(tensor).
 
 Per call: r[idx] += Δ and m[idx] = max_c |r[idx]|; among the candidates (m > 0) exactly k = round((100 - pct)
-/ 100 * n_candidates) pixels with the largest m are chosen (with `of_positions`: k = min(n_candidates,
-round((100 - pct) / 100 * N*H*W)), the percentage of all pixels) (k-th largest by partition over the candidates
-only, ties broken by candidate order), those with m <= noise_floor are dropped from the choice; the chosen
+/ 100 * n_candidates) pixels with the largest m are chosen (with `of_positions`, a percentage of all pixels:
+k = min(n_candidates, round((100 - pct) / 100 * N*H*W))); k-th largest by partition over the candidates only,
+ties broken by candidate order; those with m <= noise_floor are dropped from the choice; the chosen
 pixels are emitted as a PixelDelta (sorted indices, their full residual rows) and r, m are zeroed there.
 Nothing is lost: r_before + Δ == r_after + forwarded, bit for bit.
 """
