@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import fx
 
+from deluceva.delta.activation import activation_code
 from deluceva.delta.kernels import (
     ACTIVATIONS,
     HAVE_NUMBA,
@@ -21,6 +23,7 @@ from deluceva.delta.kernels import (
     SparseConv2d,
     SparseConvTranspose2d,
     SparseMaxPool2d,
+    actstep,
     add,
     concat,
     upsample_nearest2x,
@@ -29,6 +32,7 @@ from deluceva.delta.kernels.elementwise import FLAT
 from deluceva.delta.kernels.merge import concat_at
 from deluceva.delta.kernels.opbench import active_pixels
 from deluceva.delta.pixels import PixelDelta
+from deluceva.delta.state import RowState
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = ROOT / "assets" / "video" / "vtest_pets09_s2l1.avi"
@@ -262,6 +266,44 @@ def test_activation_delta_equals_dense(name, shape, frac, seed):
     assert set(out.index.tolist()) <= set(delta.index.tolist())
     if name in FLAT:  # all-zero rows are dropped where f is flat
         assert bool(out.values.ne(0).any(1).all())
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="fused kernel needs numba")
+@pytest.mark.parametrize("name", ["silu", "relu", "leaky_relu", "sigmoid", "hardswish"])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("precise", [False, True])
+@pytest.mark.parametrize("rows, channels", [(1, 3), (37, 16), (700, 64)])
+def test_fused_state_step_matches_torch_path(name, state_dtype, precise, rows, channels):
+    """RowState.step with the fused kernel (one numba pass) = the torch path (update, f twice, subtract), over the
+    whole range of pre-activations (exp's clamp included), and the state ends equal."""
+    g = torch.Generator().manual_seed(rows * channels)
+    z = (20 * torch.randn(1, channels, 40, 30, generator=g)).clamp_(-120, 120)
+    fused, ref = RowState(z, state_dtype), RowState(z, state_dtype)
+    idx = torch.randperm(1200, generator=g)[:rows].sort().values
+    d = torch.randn(rows, channels, generator=g) * torch.tensor([0.01, 1.0, 30.0]).repeat(channels)[:channels]
+    fn, alpha = ACTIVATIONS[name], 0.1
+    code = {"silu": actstep.SILU, "relu": actstep.RELU, "leaky_relu": actstep.LEAKY_RELU, "sigmoid": actstep.SIGMOID,
+            "hardswish": actstep.HARDSWISH}[name]
+    f = (lambda t: fn(t, alpha)) if name == "leaky_relu" else fn
+    for _ in range(3):
+        got = fused.step(idx, d, f, precise, (code, alpha))
+        want = ref.step(idx, d, f, precise)
+        assert got.dtype == want.dtype == torch.float32
+        # both in float64: tight; otherwise either side rounds f(z) to float32, a few ulps of the largest |z|
+        tol = 1e-6 if precise and state_dtype == torch.float64 else 4 * 2.0**-24 * float(ref.z.abs().max())
+        torch.testing.assert_close(got, want, atol=tol, rtol=0.0)
+    assert torch.equal(fused.z, ref.z)
+
+
+def test_activation_code_covers_plain_calls_only():
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    cases = [(F.silu, (x,), {}, (actstep.SILU, 0.0)), (F.leaky_relu, (x, 0.1), {}, (actstep.LEAKY_RELU, 0.1)),
+             (F.leaky_relu, (x,), {"negative_slope": 0.2}, (actstep.LEAKY_RELU, 0.2)),
+             (F.leaky_relu, (x,), {}, (actstep.LEAKY_RELU, 0.01)), (torch.relu, (x,), {}, (actstep.RELU, 0.0)),
+             (F.relu, (x,), {"inplace": True}, None), (torch.tanh, (x,), {}, None), (F.elu, (x, 0.5), {}, None)]
+    for target, args, kwargs, want in cases:
+        assert activation_code(graph.call_function(target, args, kwargs), x) == want, target
 
 
 # ----------------------------------------------------------------------------------------------------- merge

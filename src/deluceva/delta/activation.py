@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from deluceva.delta.base import Delta, Env, Unit, given, nonzero_rows, pixels_from_dense, to_dense
+from deluceva.delta.kernels import actstep
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, functions, register
 from deluceva.delta.state import RowState
@@ -81,6 +82,30 @@ def elementwise_fn(node: fx.Node, src: fx.Node, env: Env) -> Callable[[torch.Ten
     return f
 
 
+_ACT_CODES: dict[Callable, int] = {
+    F.silu: actstep.SILU, torch.relu: actstep.RELU, F.relu: actstep.RELU, F.leaky_relu: actstep.LEAKY_RELU,
+    torch.sigmoid: actstep.SIGMOID, F.hardswish: actstep.HARDSWISH,
+}  # fmt: skip
+
+
+def activation_code(node: fx.Node, src: fx.Node) -> tuple[int, float] | None:
+    """(code, parameter) of node's activation of `src` for the fused row kernel (kernels.actstep), or None when
+    the kernel does not cover it (other ops, tensor or unusual arguments, in-place forms)."""
+    code = _ACT_CODES.get(node.target)  # type: ignore[arg-type]
+    if code is None or node.args[:1] != (src,):
+        return None
+    extra = list(node.args[1:])
+    kwargs = {k: v for k, v in node.kwargs.items() if not (k == "inplace" and v is False)}
+    alpha = 0.0
+    if code == actstep.LEAKY_RELU:
+        alpha = kwargs.pop("negative_slope", extra.pop(0) if extra else 0.01)
+        if not isinstance(alpha, (int, float)):
+            return None
+    if extra or kwargs:
+        return None
+    return code, float(alpha)
+
+
 def is_elementwise(node: fx.Node, ctx: BuildContext) -> bool:
     """One varying input used once, elementwise canonical op (or scalar pow/rdiv), scalar other operands."""
     if node.op != "call_function":
@@ -115,6 +140,7 @@ class ElementwiseUnit(Unit):
         src = self.var_nodes[0]
         x = env(src)
         self.f = elementwise_fn(self.node, src, env)
+        self.act = activation_code(self.node, src)
         self.prune = self.node.target in FLAT
         self.state = RowState(x, self.config.acc_dtype(x.dtype))
         y = given(env, self.node)
@@ -130,8 +156,8 @@ class ElementwiseUnit(Unit):
         if self.state.rows:
             if not isinstance(d, PixelDelta):
                 d = pixels_from_dense(d)
-            return emit(d.index, self.state.step(d.index, d.values, self.f, self.config.exact), self.out_shape,
-                        self.prune)
+            dy = self.state.step(d.index, d.values, self.f, self.config.exact, self.act)
+            return emit(d.index, dy, self.out_shape, self.prune)
         return self.state.step_dense(to_dense(d, self.out_shape), self.f, self.config.exact)
 
     def dense_call(self, d: Delta) -> Delta:

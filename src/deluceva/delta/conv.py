@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from deluceva.delta import kernels_bridge
-from deluceva.delta.activation import FLAT, elementwise_fn, emit, emit_all, fusable_activation
+from deluceva.delta.activation import FLAT, activation_code, elementwise_fn, emit, emit_all, fusable_activation
 from deluceva.delta.base import Delta, Env, Unit, given, pixels_from_dense, to_pixels
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, functions, modules, register
@@ -197,6 +197,7 @@ class ConvUnit(Unit):
         if self.act_node is None:
             return z
         self.f = elementwise_fn(self.act_node, self.node, env)
+        self.act = activation_code(self.act_node, self.node)
         self.prune = self.act_node.target in FLAT
         self.state = RowState(z, self.config.acc_dtype(z.dtype))
         y = given(env, self.act_node)
@@ -218,7 +219,7 @@ class ConvUnit(Unit):
             return None
         if self.act_node is None:
             return dz
-        return emit(idx, self.state.step(idx, dz.values, self.f, self.config.exact), dz.shape, self.prune)
+        return emit(idx, self.state.step(idx, dz.values, self.f, self.config.exact, self.act), dz.shape, self.prune)
 
     def dense_call(self, d: Delta) -> Delta:
         """Same Δy as `__call__`, computed as a dense conv of the densified delta."""

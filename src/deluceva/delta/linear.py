@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from deluceva.delta.activation import elementwise_fn, fusable_activation
+from deluceva.delta.activation import activation_code, elementwise_fn, fusable_activation
 from deluceva.delta.base import Delta, Env, Unit, pixels_from_dense, to_dense, wrap
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, functions, modules, register
@@ -49,6 +49,7 @@ class LinearUnit(Unit):
         if self.act_node is None:
             return z
         self.f = elementwise_fn(self.act_node, self.node, env)
+        self.act = activation_code(self.act_node, self.node)
         self.state = RowState(z, self.config.acc_dtype(z.dtype))
         return self.f(z)
 
@@ -65,7 +66,8 @@ class LinearUnit(Unit):
             pd = pixels_from_dense(dz)
             if not pd.active:
                 return None
-            return PixelDelta(pd.index, self.state.step(pd.index, pd.values, self.f, self.config.exact), pd.shape)
+            dy = self.state.step(pd.index, pd.values, self.f, self.config.exact, self.act)
+            return PixelDelta(pd.index, dy, pd.shape)
         return self.state.step_dense(dz, self.f, self.config.exact)
 
 

@@ -25,6 +25,14 @@ def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
     return numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
 
 
+def jit_vec(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`jit` with numpy's error model: a float division does not check for zero, so loops with divisions vectorise
+    (numba's default Python error model adds a branch per division, which keeps the loop scalar)."""
+    if not HAVE_NUMBA:
+        return fn
+    return numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")(fn)
+
+
 def resolve_backend(backend: str) -> str:
     """'auto' -> 'numba' if available else 'torch'; 'numba' without numba installed raises."""
     if backend == "auto":

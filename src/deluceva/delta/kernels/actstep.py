@@ -1,0 +1,118 @@
+"""Fused state update + activation delta on rows: z[idx] += Δz; Δy = f(z_new) - f(z_old), one pass, no temporaries
+beyond a few hundred floats.
+
+The torch path of RowState.step is six passes over (A, C) (gather-update, two activations, subtraction, casts)
+and ~10 us of dispatch; this kernel does it in one call. Codes: SILU, RELU, LEAKY_RELU (alpha = slope), SIGMOID,
+HARDSWISH. Fast mode (filtered runs): f in float32 on the old and new values rounded to float32, as the torch path
+does, with a vectorisable exp (Cody-Waite reduction + degree-6 polynomial, |rel err| < 2e-7 on exp, SiLU within
+1 ulp-scale of torch's). Precise mode (exact runs): f in the state's dtype with libm's exp, Δy rounded once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deluceva.delta.kernels._jit import jit_vec
+
+SILU, RELU, LEAKY_RELU, SIGMOID, HARDSWISH = 1, 2, 3, 4, 5
+ROW_BLOCK = 512  # values per block of rows in fast mode (temporaries stay in L1)
+
+_F = np.float32
+
+
+@jit_vec
+def _exp_neg32(x, e, bits, n):  # pragma: no cover - compiled
+    """e[:n] = exp(-x[:n]) in float32 (inputs clamped to exp's finite range); bits: int32 scratch."""
+    for j in range(n):
+        t = min(max(-x[j], _F(-87.0)), _F(88.0))
+        k = (t * _F(1.44269504) + _F(12582912.0)) - _F(12582912.0)  # round to nearest integer
+        r = t - k * _F(0.693359375) - k * _F(-2.12194440e-4)
+        p = ((((_F(1.9875691500e-4) * r + _F(1.3981999507e-3)) * r + _F(8.3334519073e-3)) * r
+              + _F(4.1665795894e-2)) * r + _F(1.6666665459e-1)) * r + _F(5.0000001201e-1)
+        e[j] = p * (r * r) + r + _F(1.0)
+        bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)  # 2**k as float32 bits
+    scale = bits.view(np.float32)
+    for j in range(n):
+        e[j] = e[j] * scale[j]
+
+
+@jit_vec
+def _act32(x, y, e, bits, n, code, alpha):  # pragma: no cover - compiled
+    """y[:n] = f(x[:n]) in float32."""
+    if code == SILU or code == SIGMOID:
+        _exp_neg32(x, e, bits, n)
+        if code == SILU:
+            for j in range(n):
+                y[j] = x[j] / (_F(1.0) + e[j])
+        else:
+            for j in range(n):
+                y[j] = _F(1.0) / (_F(1.0) + e[j])
+    elif code == RELU:
+        for j in range(n):
+            y[j] = max(x[j], _F(0.0))
+    elif code == LEAKY_RELU:
+        a = _F(alpha)
+        for j in range(n):
+            v = x[j]
+            y[j] = v if v > _F(0.0) else v * a
+    else:  # HARDSWISH
+        for j in range(n):
+            v = x[j]
+            y[j] = v * min(max(v + _F(3.0), _F(0.0)), _F(6.0)) / _F(6.0)
+
+
+@jit_vec
+def _act64(v, code, alpha):  # pragma: no cover - compiled
+    """f(v) in float64 (libm exp)."""
+    if code == SILU:
+        return v / (1.0 + np.exp(-v))
+    if code == SIGMOID:
+        return 1.0 / (1.0 + np.exp(-v))
+    if code == RELU:
+        return max(v, 0.0)
+    if code == LEAKY_RELU:
+        return v if v > 0.0 else v * alpha
+    return v * min(max(v + 3.0, 0.0), 6.0) / 6.0
+
+
+@jit_vec
+def step_act_nb(z, idx, d, code, alpha, precise):  # pragma: no cover - compiled
+    """z (R, C) float32|float64 state rows, idx (A,) int64 rows, d (A, C) float32 deltas -> Δy (A, C) float32;
+    z[idx] += d in place. precise: f in z's dtype, else in float32."""
+    a, c = d.shape
+    out = np.empty((a, c), np.float32)
+    if precise:
+        for i in range(a):
+            r = idx[i]
+            for j in range(c):
+                o = z[r, j]
+                nv = o + d[i, j]
+                z[r, j] = nv
+                out[i, j] = _act64(nv, code, alpha) - _act64(o, code, alpha)
+        return out
+    rb = max(1, ROW_BLOCK // c)
+    m = rb * c
+    xn = np.empty(m, np.float32)
+    xo = np.empty(m, np.float32)
+    yn = np.empty(m, np.float32)
+    yo = np.empty(m, np.float32)
+    e = np.empty(m, np.float32)
+    bits = np.empty(m, np.int32)
+    flat = out.reshape(a * c)
+    for i0 in range(0, a, rb):
+        nb = min(rb, a - i0)
+        for i in range(nb):
+            r = idx[i0 + i]
+            for j in range(c):
+                o = z[r, j]
+                nv = o + d[i0 + i, j]
+                z[r, j] = nv
+                xn[i * c + j] = nv
+                xo[i * c + j] = o
+        n = nb * c
+        _act32(xn, yn, e, bits, n, code, alpha)
+        _act32(xo, yo, e, bits, n, code, alpha)
+        base = i0 * c
+        for j in range(n):
+            flat[base + j] = yn[j] - yo[j]
+    return out
