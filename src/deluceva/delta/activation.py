@@ -49,7 +49,7 @@ def emit_all(vals: torch.Tensor, shape: tuple) -> PixelDelta | None:
 def rows_of(x: torch.Tensor) -> torch.Tensor:
     """Own channels-last rows (N*H*W, C) copy of a 4-D tensor."""
     n, c, h, w = x.shape
-    return x.permute(0, 2, 3, 1).reshape(n * h * w, c).clone()
+    return x.permute(0, 2, 3, 1).reshape(n * h * w, c).clone(memory_format=torch.contiguous_format)
 
 
 def _scalar_like(v: Any) -> bool:
