@@ -44,53 +44,49 @@ def _accumulate_nb(idx, vals, r, m, in_cand, cand, ncand):
 @jit
 def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch):
     """Choose, forward and clear pixels (see module doc). Returns (sorted index, rows, new candidate count)."""
-    # drop candidates whose magnitude went back to exactly 0
+    # drop candidates whose magnitude went back to exactly 0, gathering the others' magnitudes in the same pass
+    mc = np.empty(ncand, np.float32)
     n = 0
     for j in range(ncand):
         p = cand[j]
-        if m[p] > 0:
+        v = m[p]
+        if v > 0:
             cand[n] = p
+            mc[n] = v
             n += 1
         else:
             in_cand[p] = 0
     k = int(np.floor(keep_frac * (m.shape[0] if of_positions else n) + 0.5))
     k = min(k, n)
-    mc = np.empty(n, np.float32)
-    for j in range(n):
-        mc[j] = m[cand[j]]
-    chosen = np.zeros(n, np.bool_)
-    if k >= n:
-        chosen[:] = True
-    elif k > 0:
-        thr = np.partition(mc, n - k)[n - k]  # k-th largest
+    # chosen: mc > thr, plus the first take_eq candidates with mc == thr (ties in candidate order), minus <= floor
+    thr = np.float32(-1.0)  # k >= n: every candidate
+    take_eq = 0
+    if k <= 0:
+        thr = np.float32(np.inf)
+    elif k < n:
+        thr = np.partition(mc[:n], n - k)[n - k]  # k-th largest
         take_eq = k
         for j in range(n):
             if mc[j] > thr:
                 take_eq -= 1
-        for j in range(n):
-            if mc[j] > thr:
-                chosen[j] = True
-            elif mc[j] == thr and take_eq > 0:
-                chosen[j] = True
-                take_eq -= 1
+    fidx = np.empty(min(k, n), np.int64)
     nf = 0
-    for j in range(n):
-        if chosen[j] and mc[j] <= floor:
-            chosen[j] = False
-        if chosen[j]:
-            nf += 1
-    fidx = np.empty(nf, np.int64)
-    f = 0
     keep = 0
     for j in range(n):
         p = cand[j]
-        if chosen[j]:
-            fidx[f] = p
-            f += 1
+        v = mc[j]
+        pick = v > thr
+        if not pick and v == thr and take_eq > 0:
+            pick = True
+            take_eq -= 1
+        if pick and v > floor:
+            fidx[nf] = p
+            nf += 1
             in_cand[p] = 0
         else:
             cand[keep] = p
             keep += 1
+    fidx = fidx[:nf]
     if nf * 64 > m.shape[0]:  # many: an ordered scan of a flag array beats a sort
         for j in range(nf):
             scratch[fidx[j]] = 1
