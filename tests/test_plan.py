@@ -19,7 +19,7 @@ from deluceva.plan.guard import DeltaCost, FrameGuard, activity
 from deluceva.plan.planner import cycle_ms
 from deluceva.plan.profiler import profile_network, unit_sizes, work_fractions
 from deluceva.plan.session import decode_frames, resolve_plan, swing_frame
-from deluceva.plan.store import default_profile_path, fingerprint
+from deluceva.plan.store import KERNELS_REVISION, default_profile_path, fingerprint
 from deluceva.zoo.registry import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +154,9 @@ def test_stale_profile_detected_and_not_used(setup, tmp_path, monkeypatch):
     stale.stamp["cpu"] = "Some Other CPU 9000"
     stale.stamp["versions"]["torch"] = "1.0.0"
     assert len(stale.stale_reasons()) == 2
+    older = Profile.from_json(json.loads(json.dumps(prof.to_json())))
+    del older.stamp["versions"]["deluceva-kernels"]  # made before the kernels' revision was stamped
+    assert older.stale_reasons() == [f"deluceva-kernels None != installed {KERNELS_REVISION}"]
     stale.save(default_profile_path(key))
     plans, note = resolve_plan("auto", key)
     assert plans == "auto" and "stale" in note and "Some Other CPU 9000" in note and "torch 1.0.0" in note

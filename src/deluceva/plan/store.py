@@ -50,8 +50,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Bump when a change to the delta units or kernels makes earlier profiles' timings wrong: profiles stamped with
+# another revision are stale (re-profiled or reported). 2: contiguous state rows and the fused activation step.
+KERNELS_REVISION = 2
+
+
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose speed a profile measures (numba: 'none' when not installed)."""
+    """Versions of the libraries whose speed a profile measures (numba: 'none' when not installed), and the
+    revision of deluceva's kernels (`KERNELS_REVISION`)."""
     import numpy
     import torch
 
@@ -64,7 +70,7 @@ def library_versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover - numba is normally installed
         nb = "none"
     return {"torch": str(torch.__version__), "numpy": str(numpy.__version__), "numba": nb,
-            "deluceva": str(deluceva.__version__)}
+            "deluceva": str(deluceva.__version__), "deluceva-kernels": str(KERNELS_REVISION)}
 
 
 def fingerprint() -> dict[str, Any]:
