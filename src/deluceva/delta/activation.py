@@ -46,12 +46,6 @@ def emit_all(vals: torch.Tensor, shape: tuple) -> PixelDelta | None:
     return PixelDelta(sel, vals.index_select(0, sel), shape)  # type: ignore[arg-type]
 
 
-def rows_of(x: torch.Tensor) -> torch.Tensor:
-    """Own channels-last rows (N*H*W, C) copy of a 4-D tensor."""
-    n, c, h, w = x.shape
-    return x.permute(0, 2, 3, 1).reshape(n * h * w, c).clone(memory_format=torch.contiguous_format)
-
-
 def _scalar_like(v: Any) -> bool:
     return not isinstance(v, torch.Tensor) or v.numel() == 1
 
@@ -98,7 +92,7 @@ def activation_code(node: fx.Node, src: fx.Node) -> tuple[int, float] | None:
     kwargs = {k: v for k, v in node.kwargs.items() if not (k == "inplace" and v is False)}
     alpha = 0.0
     if code == actstep.LEAKY_RELU:
-        alpha = kwargs.pop("negative_slope", extra.pop(0) if extra else 0.01)
+        alpha = extra.pop(0) if extra else kwargs.pop("negative_slope", 0.01)
         if not isinstance(alpha, (int, float)):
             return None
     if extra or kwargs:

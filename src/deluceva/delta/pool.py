@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import fx
 
 from deluceva.delta import kernels_bridge
-from deluceva.delta.activation import rows_of
 from deluceva.delta.base import Delta, Env, Unit, given, pixels_from_dense, to_pixels
 from deluceva.delta.conv import make_conv_op
 from deluceva.delta.linop import LinearOpUnit
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, functions, methods, register
+from deluceva.delta.state import rows_of
 
 DENSE_ABOVE = 0.3  # active input fraction above which max-pool recomputes the whole map
 USE_KERNEL_WITH_WIDE_STATE = True  # the fused float32 kernel also when state is float64 (its x rows are float32)
@@ -167,8 +167,8 @@ class MaxPoolUnit(Unit):
                 kern.seed(x, y)
                 self.kern = kern
                 return y
-        self.x = torch.cat([rows_of(x).to(acc), torch.full((1, self.c), float("-inf"), dtype=acc)])
-        self.y = rows_of(y).to(acc)
+        self.x = torch.cat([rows_of(x, acc), torch.full((1, self.c), float("-inf"), dtype=acc)])
+        self.y = rows_of(y, acc)
         self.ky = torch.arange(k[0]) * self.dil[0]
         self.kx = torch.arange(k[1]) * self.dil[1]
         return y

@@ -53,6 +53,16 @@ FUSED_MAX = 8192
 PRECISE_FUSED_MAX = 4096
 
 
+def rows_of(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Own contiguous channels-last rows (N*H*W, C) copy of a 4-D tensor, in `dtype` (default x's). Contiguous: the
+    channels-last view of an NCHW tensor has strides (1, N*H*W), which `.clone()` / `.to(copy=True)` would keep, so a
+    row's channels would lie N*H*W values apart (a cache line per value a row update touches)."""
+    n, c, h, w = x.shape
+    rows = torch.empty(n * h * w, c, dtype=dtype or x.dtype)
+    rows.copy_(x.permute(0, 2, 3, 1).reshape(n * h * w, c))
+    return rows
+
+
 class RowState:
     """Accumulated full values z in dtype `acc` (default: x's dtype); `update(idx, Δ) -> (z_old, z_new)` at idx."""
 
@@ -61,11 +71,7 @@ class RowState:
         acc = acc or x.dtype
         self.rows = x.dim() == 4
         if self.rows:
-            n, c, h, w = x.shape
-            # a contiguous copy: the channels-last view of an NCHW tensor has strides (1, N*H*W), and .to(copy=True)
-            # would keep them, so a row's channels would lie N*H*W floats apart (a cache line per value touched)
-            self.z = torch.empty(n * h * w, c, dtype=acc)
-            self.z.copy_(x.permute(0, 2, 3, 1).reshape(n * h * w, c))
+            self.z = rows_of(x, acc)
         else:
             self.z = x.to(acc, copy=True)
         self._nb = HAVE_NUMBA and self.rows and acc in _NB_DTYPES and x.dtype in _NB_DTYPES

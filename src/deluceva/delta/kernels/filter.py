@@ -69,7 +69,7 @@ def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scrat
         for j in range(n):
             if mc[j] > thr:
                 take_eq -= 1
-    fidx = np.empty(min(k, n), np.int64)
+    fidx = np.empty(k, np.int64)  # at most k picked
     nf = 0
     keep = 0
     for j in range(n):
