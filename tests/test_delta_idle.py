@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,3 +143,77 @@ def test_returned_outputs_are_never_shared_with_a_holder() -> None:
         del out
         for held, copy in kept:
             assert _same(held, copy), f"frame {i}: a held output changed"
+
+
+def _mirror_matches_network(eng: Engine) -> bool:
+    """The engine's uint8 mirror holds exactly the image region of the input the delta network has applied."""
+    m, net = eng._mirror, eng.delta_network
+    h, w = m.image.shape[:2]
+    applied = net._x[0, :, m.top:m.top + h, m.left:m.left + w].permute(1, 2, 0) * 255.0
+    return bool(torch.equal(applied.round().to(torch.uint8), torch.from_numpy(m.image)))
+
+
+def test_input_mirror_tracks_the_applied_input_on_real_frames() -> None:
+    """Pets video (letterboxed: the image sits between pad bands), 90% filtering with the 3-grey-level input floor:
+    after every frame the uint8 mirror equals the network's applied input, pixel for pixel."""
+    det, _, rgbs = _clip(12, video=PEOPLE)
+    eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", filter_pct=90.0))
+    held = 0
+    for i, rgb in enumerate(rgbs):
+        eng.infer(rgb)
+        assert eng._mirror is not None and eng._mirror.left > 0  # a real letterbox offset is exercised
+        assert _mirror_matches_network(eng), f"frame {i}: mirror and applied input differ"
+        img = det.fit(rgb, (224, 384))[0]
+        held += int((eng._mirror.image != img).any(axis=2).sum())
+    assert held > 0  # some pixels were held under the floor: the mirror is not just the last image
+
+
+def test_input_mirror_margin_stays_under_the_floor() -> None:
+    from deluceva.delta.inputs import InputMirror
+
+    assert InputMirror(0, 0, (32, 32), 3.0).margin == 2
+    assert InputMirror(0, 0, (32, 32), 2.5).margin == 1
+    assert InputMirror(0, 0, (32, 32), 0.0).margin == 0  # exact: only an identical image is unchanged
+    m = InputMirror(0, 0, (32, 32), 3.0)
+    base = np.full((32, 32, 3), 100, np.uint8)
+    assert not m.unchanged(base)  # nothing seeded yet
+    m.seeded(base)
+    near, far = base.copy(), base.copy()
+    near[5, 7, 1] = 102
+    far[31, 31, 2] = 97  # 3 grey levels: the float comparison decides, so not "unchanged"
+    assert m.unchanged(near) and not m.unchanged(far)
+    assert not m.unchanged(base[:16])  # another size
+
+
+def test_engine_idle_shortcut_gives_the_records_of_the_full_path() -> None:
+    """Repeated and noise-only frames (1 grey level in the source frame, up to 2 after resizing) take the uint8 idle
+    shortcut (no float input, no input
+    pass); every record equals the one of an engine without the shortcut."""
+    det, _, rgbs = _clip(3, video=PEOPLE)
+    g = np.random.default_rng(0)
+
+    def noisy(rgb: np.ndarray) -> np.ndarray:
+        return np.clip(rgb.astype(np.int16) + g.integers(-1, 2, rgb.shape), 0, 255).astype(np.uint8)
+
+    seq = [rgbs[0], rgbs[0], noisy(rgbs[0]), rgbs[1], rgbs[1], noisy(rgbs[1]), rgbs[2], rgbs[2]]
+    for pct in (0.0, 50.0):
+        fast = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", filter_pct=pct))
+        full = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", filter_pct=pct))
+        full._idle_frame = lambda img, geo: None
+        took: list[bool] = []
+        shortcut = fast._idle_frame
+
+        def spy(img, geo, shortcut=shortcut, took=took):
+            got = shortcut(img, geo)
+            took.append(got is not None)
+            return got
+
+        fast._idle_frame = spy
+        for i, rgb in enumerate(seq):
+            (a, ma), (b, mb) = fast.infer(rgb), full.infer(rgb)
+            assert ma == mb and a.to_records(det.class_names) == b.to_records(det.class_names), f"{pct}% frame {i}"
+            if i and took[-1]:
+                assert fast.delta_network.last_skipped and not fast.delta_network.last_changed
+        # frame 0 seeds (no mirror yet); the repeat right after it is idle; at 0% (exact) noise is a change
+        assert took[0] is False and took[1] is True and took[3] is False and took[6] is False
+        assert took[2] is (pct > 0.0)

@@ -14,11 +14,13 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from deluceva.delta.inputs import InputMirror
+from deluceva.delta.pixels import PixelDelta
 from deluceva.dense import DenseRun, make_dense, resolve_dense_engine
 from deluceva.errors import DelucevaError
 from deluceva.plan import apply_plan
 from deluceva.threads import single_threaded
-from deluceva.zoo.base import Detections, Detector
+from deluceva.zoo.base import Detections, Detector, Geometry
 
 Mode = Literal["dense", "delta"]
 FILTER_OF = ("changes", "positions")
@@ -87,6 +89,8 @@ class Engine:
         self.plan_note = ""
         self._frames_since_dense = 0
         self.last_unit_stats: list[dict[str, Any]] = []
+        self._mirror: InputMirror | None = None  # delta mode: uint8 copy of the network's applied input
+        self._last_delta_dets: tuple[int, Geometry, Detections] | None = None
 
     # -- preparation -------------------------------------------------------------------------------------------
     def input_hw_for(self, source_hw: tuple[int, int]) -> tuple[int, int]:
@@ -155,6 +159,8 @@ class Engine:
         if self._delta is not None:
             self._delta.reset()
         self._frames_since_dense = 0
+        self._mirror = None
+        self._last_delta_dets = None
 
     @property
     def delta_network(self):
@@ -257,16 +263,27 @@ class Engine:
         In delta mode, a frame that changed none of the network's outputs (`DeltaNetwork.last_changed` False: the
         outputs are exactly the previous call's) reuses the previous frame's detections without post-processing."""
         hw = self.ensure_prepared(rgb.shape[:2])
+        delta = self.config.mode == "delta"
         with single_threaded():  # small work between runs of the network (deluceva.threads)
-            x, geo = self.detector.preprocess(rgb, hw)
-        if self.config.mode == "dense":
+            fitted = self.detector.fit(rgb, hw) if delta else None
+            if fitted is None:
+                x, geo = self.detector.preprocess(rgb, hw)
+            else:
+                img, geo = fitted
+                idle = self._idle_frame(img, geo)
+                if idle is not None:
+                    return idle, "delta"
+                x = self.detector.to_input(img, geo)
+        if not delta:
             outs = self._dense[hw](x)
             with single_threaded():
                 return self.detector.postprocess(outs, geo), "dense"
         outs, mode = self._run_delta(x)
         net = self._delta
+        if fitted is not None:
+            self._track_input(fitted[0], geo, mode)
         frame = getattr(net, "frames_since_reset", None)
-        last = getattr(self, "_last_delta_dets", None)  # (network frame, geometry, detections) of the last post-process
+        last = self._last_delta_dets  # (network frame, geometry, detections) of the last post-process
         if (mode == "delta" and last is not None and frame is not None and last[0] == frame - 1 and last[1] == geo
                 and not getattr(net, "last_changed", True)):
             self._last_delta_dets = (frame, geo, last[2])
@@ -275,6 +292,51 @@ class Engine:
             dets = self.detector.postprocess(outs, geo)
         self._last_delta_dets = (frame, geo, dets) if mode != "dense" else None
         return dets, mode
+
+    def _idle_frame(self, img: np.ndarray, geo: Geometry) -> Detections | None:
+        """The detections of a delta frame whose fitted uint8 image changes no pixel beyond the input floor against
+        the input the network applied (InputMirror), found before the float input is built: the network's idle
+        call and the previous detections. None when the frame must run normally (a change, a re-seed due, pending
+        filter work, no previous detections for this geometry)."""
+        mirror, net = self._mirror, self._delta
+        last = self._last_delta_dets
+        if (mirror is None or net is None or last is None or last[1] != geo or not mirror.unchanged(img)
+                or (self.config.refresh_every is not None and self._frames_since_dense >= self.config.refresh_every)):
+            return None
+        t0 = time.perf_counter()
+        if net.idle_frame() is None:
+            return None
+        net_ms = (time.perf_counter() - t0) * 1e3
+        frame = net.frames_since_reset
+        if last[0] != frame - 1:
+            return None  # not reached: the idle call follows the frame of `last` (kept for safety)
+        self._frames_since_dense += 1
+        self._last_delta_dets = (frame, geo, last[2])
+        self.last_unit_stats = list(net.last_stats)
+        guard = self._guard
+        predicted = None
+        if guard is not None:
+            predicted = guard.predict("delta", 0.0)
+            guard.observe("delta", net_ms)
+        self.last_plan_info = {"decision": "delta", "net_ms": net_ms, "predicted_ms": predicted, "activity": 0.0,
+                               "kind": self._band}
+        return last[2]
+
+    def _track_input(self, img: np.ndarray, geo: Geometry, mode: str) -> None:
+        """Keep the uint8 mirror of the network's applied input in step with the frame just run (`mode`)."""
+        net = self._delta
+        mirror = self._mirror
+        key = (geo.input_hw, int(geo.pad_xy[1]), int(geo.pad_xy[0]))
+        if mirror is None or (mirror.canvas_hw, mirror.top, mirror.left) != key:
+            floor = self.config.input_noise_floor if self.config.filter_pct > 0.0 else 0.0
+            mirror = self._mirror = InputMirror(key[1], key[2], geo.input_hw, floor)
+        dx = getattr(net, "last_input_delta", None)
+        if mode == "refresh":
+            mirror.seeded(img)
+        elif mode == "delta" and (dx is None or isinstance(dx, PixelDelta)):
+            mirror.applied(img, None if dx is None else dx.index)
+        else:  # the dense engine ran (the network re-seeds next), or an input delta of another form
+            mirror.invalidate()
 
     def process(self, frame: FrameLike) -> dict[str, Any]:
         self.ensure_prepared(frame.rgb.shape[:2])  # one-off export/conversion is not frame time

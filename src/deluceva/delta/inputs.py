@@ -9,6 +9,8 @@ float32 inputs, vectorised torch otherwise), no per-pixel Python loops.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -89,3 +91,69 @@ def input_delta(x: torch.Tensor, applied: torch.Tensor, floor: float) -> PixelDe
         flat.index_copy_(0, idx, rows)
         applied.copy_(flat.view(n, h, w, c).permute(0, 3, 1, 2))
     return PixelDelta(idx, vals, (n, c, h, w))
+
+
+@jit
+def _max_absdiff_over_nb(u, a, limit):  # pragma: no cover - compiled
+    """Whether some |u - a| (uint8 (h, w*c) rows) exceeds `limit`; stops at the first row that has one."""
+    h, w = u.shape
+    for i in range(h):
+        m = 0
+        for j in range(w):
+            d = abs(np.int16(u[i, j]) - np.int16(a[i, j]))
+            m = max(m, d)
+        if m > limit:
+            return True
+    return False
+
+
+@jit
+def _mirror_update_nb(a, u, idx, top, left, canvas_w, canvas_hw):  # pragma: no cover - compiled
+    """a[y, x] = u[y, x] at the image pixels of canvas pixel indices idx (batch 1; pad pixels skipped)."""
+    h, w = a.shape[0], a.shape[1]
+    for k in range(idx.shape[0]):
+        q = idx[k] % canvas_hw
+        y = q // canvas_w - top
+        x = q % canvas_w - left
+        if 0 <= y < h and 0 <= x < w:
+            a[y, x, :] = u[y, x, :]
+
+
+class InputMirror:
+    """uint8 copy of the input the delta network has applied so far, over the image a detector's `fit` places on the
+    canvas (batch 1): finds frames that change no pixel beyond the input floor without building the float input.
+
+    `unchanged(img)` is conservative: True only if every |img - mirror| <= `margin` grey levels, with margin < the
+    floor by at least half a grey level (0 when the floor is 0: only an identical image), so the float comparison of
+    `input_delta` would forward nothing either. Keep it in step: `seeded(img)` after a dense frame (the network
+    applied the whole input), `applied(img, index)` after a delta frame (index: the forwarded canvas pixels,
+    `PixelDelta.index` of the input delta), `invalidate()` when the network's input state is unknown.
+    """
+
+    def __init__(self, top: int, left: int, canvas_hw: tuple[int, int], floor_grey: float) -> None:
+        self.top, self.left = top, left
+        self.canvas_hw = canvas_hw
+        self.margin = max(0, math.ceil(floor_grey - 0.5) - 1)
+        self.image: np.ndarray | None = None
+
+    def unchanged(self, img: np.ndarray) -> bool:
+        a = self.image
+        if a is None or a.shape != img.shape or img.dtype != np.uint8 or not HAVE_NUMBA:
+            return False
+        h = img.shape[0]
+        return not _max_absdiff_over_nb(np.ascontiguousarray(img).reshape(h, -1), a.reshape(h, -1), self.margin)
+
+    def seeded(self, img: np.ndarray) -> None:
+        self.image = np.array(img, dtype=np.uint8, copy=True) if img.dtype == np.uint8 else None
+
+    def applied(self, img: np.ndarray, index: torch.Tensor | None) -> None:
+        a = self.image
+        if a is None or a.shape != img.shape:
+            self.image = None
+            return
+        if index is not None and index.numel():
+            _mirror_update_nb(a, np.ascontiguousarray(img), index.numpy(), self.top, self.left, self.canvas_hw[1],
+                              self.canvas_hw[0] * self.canvas_hw[1])
+
+    def invalidate(self) -> None:
+        self.image = None

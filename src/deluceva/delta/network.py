@@ -383,6 +383,7 @@ class DeltaNetwork(nn.Module):
         self._outs: dict[fx.Node, _Output] = {}
         self._dense_next = True
         self.last_dense = True
+        self.last_input_delta: Delta = None  # the input delta of the last delta frame (None: none, or not one)
         self.last_changed = True
         self._idle = False  # the last frame skipped every unit (see _run_idle)
         self._idle_since = 0  # first frame of the current run of idle frames
@@ -403,6 +404,22 @@ class DeltaNetwork(nn.Module):
             if self.needs_seed(x):
                 return self._run_dense(x)
             return self._run_delta(x)
+
+    def idle_frame(self) -> Any | None:
+        """A call on an input the caller knows changes no pixel beyond `config.input_floor` against the input applied
+        so far (the engine's uint8 InputMirror): the previous outputs, as `forward` would give, without the pass over
+        the input. None, and nothing done, when such a call would not be idle: a seed is due (see `needs_seed`) or
+        some filter would forward what it holds without new input."""
+        x, cfg = self._x, self.config
+        if (self._dense_next or x is None or not self.idle_shortcut
+                or (cfg.exact and self._seed_dtype != cfg.seed_state_dtype)
+                or (self._deltas_since_seed >= self.EXACT_RESEED and self.seeds_in_float64(x)) or not self._quiet()):
+            return None
+        with torch.inference_mode():
+            self._frame += 1
+            self.last_dense = False
+            self.last_input_delta = None
+            return self._run_idle()
 
     def needs_seed(self, x: torch.Tensor) -> bool:
         """Whether a call on x runs dense (first call, after reset()/refresh(), new shape or dtype, an exact run's
@@ -480,6 +497,7 @@ class DeltaNetwork(nn.Module):
             self._x = x.detach().clone()
             if not isinstance(dx, torch.Tensor) or not bool(dx.any()):
                 dx = None
+        self.last_input_delta = dx
         self.last_dense = False
         if dx is None and self.idle_shortcut and self._quiet():
             return self._run_idle()

@@ -167,6 +167,21 @@ class Detector:
 
     def preprocess(self, rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
         """uint8 (H, W, 3) RGB frame -> float32 (1, 3, h, w) network input and its geometry."""
+        fitted = self.fit(rgb, input_hw)
+        if fitted is None:
+            raise NotImplementedError
+        return self.to_input(*fitted), fitted[1]
+
+    def fit(self, rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[np.ndarray, Geometry] | None:
+        """The first half of `preprocess`: the uint8 (h, w, 3) image the network input holds unchanged (resized,
+        not padded, not converted), its top-left corner at (geometry.pad_xy[1], geometry.pad_xy[0]) of the input;
+        None if the family does not split its pre-processing. `preprocess(rgb) == (to_input(*fit(rgb)), geometry)`.
+        The delta engine compares these images in uint8 to find frames that change nothing (deluceva.delta.inputs
+        .InputMirror) before it builds the float input."""
+        return None
+
+    def to_input(self, img: np.ndarray, geometry: Geometry) -> torch.Tensor:
+        """The second half of `preprocess`: `fit`'s image -> the float32 (1, 3, H, W) network input."""
         raise NotImplementedError
 
     def postprocess(self, outputs: tuple[torch.Tensor, ...], geometry: Geometry) -> Detections:

@@ -76,13 +76,16 @@ class YoloDarknet(Detector):
         self.native_hw = network.native_hw
         self.name = name
 
-    def preprocess(self, rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
-        """uint8 (H, W, 3) RGB -> float32 (1, 3, h, w) plain-resized input (cv2 INTER_LINEAR), /255."""
+    def fit(self, rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
+        """uint8 (H, W, 3) RGB -> the plain-resized (cv2 INTER_LINEAR) uint8 image filling the input."""
         src_h, src_w = rgb.shape[:2]
         h, w = input_hw
         img = rgb if (src_h, src_w) == (h, w) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
-        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)[None]
-        return x, Geometry((src_h, src_w), (h, w), (w / src_w, h / src_h), (0.0, 0.0))
+        return np.ascontiguousarray(img), Geometry((src_h, src_w), (h, w), (w / src_w, h / src_h), (0.0, 0.0))
+
+    def to_input(self, img: np.ndarray, geometry: Geometry) -> torch.Tensor:
+        """/255 float32 (1, 3, h, w)."""
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)[None]
 
     def decode(
         self, outputs: tuple[torch.Tensor, ...], input_hw: tuple[int, int]

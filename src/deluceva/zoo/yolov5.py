@@ -134,9 +134,12 @@ class Yolov5Detector(Detector):
         self.name = name
         self.anchors = anchors  # (levels, A, 2) pixels, in the order of the network's outputs
 
-    def preprocess(self, rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
-        img, geo = yolov5_fit(rgb, input_hw)
-        return canvas_tensor(img, input_hw, int(geo.pad_xy[1]), int(geo.pad_xy[0]), PAD_VALUE, 255.0), geo
+    def fit(self, rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
+        return yolov5_fit(rgb, input_hw)
+
+    def to_input(self, img: np.ndarray, geometry: Geometry) -> torch.Tensor:
+        top, left = int(geometry.pad_xy[1]), int(geometry.pad_xy[0])
+        return canvas_tensor(img, geometry.input_hw, top, left, PAD_VALUE, 255.0)
 
     def decode(self, outputs: tuple[torch.Tensor, ...], input_hw: tuple[int, int], min_obj: float | None = None
                ) -> np.ndarray:

@@ -76,9 +76,11 @@ class YoloxDetector(Detector):
         self.native_hw = native_hw
         self.name = name
 
-    def preprocess(self, rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
-        img, geo = yolox_fit(rgb, input_hw)
-        return canvas_tensor(img, input_hw, 0, 0, PAD_VALUE, bgr=True), geo
+    def fit(self, rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
+        return yolox_fit(rgb, input_hw)
+
+    def to_input(self, img: np.ndarray, geometry: Geometry) -> torch.Tensor:
+        return canvas_tensor(img, geometry.input_hw, 0, 0, PAD_VALUE, bgr=True)
 
     def detections_from_rows(
         self, rows: np.ndarray, level_hw: list[tuple[int, int]], geometry: Geometry, conf: float | None = None
