@@ -109,6 +109,30 @@ def test_filters_with_residuals_drain_then_go_idle(use_kernels: bool, monkeypatc
         assert f.pending == g.pending and torch.equal(f.r, g.r)
 
 
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "torch"])
+def test_filters_holding_only_what_is_under_their_floor_are_quiet(use_kernels: bool, monkeypatch) -> None:
+    """Relative floors: once a change has gone through, what the filters still hold is under their floors, so the
+    same frame again is idle at once (no drain: those residuals are never forwarded without new input), with the
+    full loop's outputs and residuals."""
+    monkeypatch.setattr(kernels_bridge, "enabled", use_kernels)
+    det, xs, _ = _clip(2, "384x224" if use_kernels else "256x160")
+    nets = [convert(det.network, xs[0], filter_pct=0.01, relative_floor=0.1) for _ in range(2)]
+    fast, ref = nets
+    ref.idle_shortcut = False
+    assert _same(fast(xs[0]), ref(xs[0]))
+    y = xs[0].clone()  # a real change: a 12x12 patch of the next frame, brightened
+    y[..., 100:112, 150:162] = xs[1][..., 100:112, 150:162] + 0.3
+    assert _same(fast(y), ref(y))
+    assert fast.last_changed and any(f.pending for f in fast._filters)  # a real change, some of it held back
+    for i in range(3):
+        assert _same(fast(y), ref(y)), f"repeat {i}: outputs differ"
+        assert fast.last_skipped and not fast.last_changed, f"repeat {i} ran units"
+    held = [f for f in fast._filters if f.pending]
+    assert held and all(f.quiet() for f in held)
+    for f, g in zip(fast._filters, ref._filters, strict=True):
+        assert f.pending == g.pending and torch.equal(f.r, g.r)
+
+
 def test_engine_reuses_detections_when_nothing_changed() -> None:
     det, _, rgbs = _clip(2, video=PEOPLE)
     eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta"))

@@ -75,12 +75,19 @@ class _Stats:
     forwarded = 0  # granules forwarded
     granules = 1  # granules in the tensor
     pending = False
+    held_max = float("inf")  # largest magnitude the last call held back (inf: not tracked)
     config: FilterConfig
 
     def quiet(self) -> bool:
-        """Whether a call without new delta would forward nothing and change nothing: nothing pending, or the
-        percentage holds back every pending granule (the granules left after the last call)."""
-        return not self.pending or holds_all(self.config.filter_pct, self.candidates - self.forwarded, self._total())
+        """Whether a call without new delta would forward nothing and change nothing: nothing pending, the
+        percentage holds back every pending granule (the granules left after the last call), or every pending
+        granule is at or under the floor."""
+        return (not self.pending or holds_all(self.config.filter_pct, self.candidates - self.forwarded, self._total())
+                or self.held_max <= self._floor())
+
+    def _floor(self) -> float:
+        """Magnitudes at or under it are never forwarded."""
+        return self.config.noise_floor
 
     @property
     def _of_positions(self) -> bool:
@@ -121,8 +128,11 @@ class PixelFilter(_Stats):
 
     def _settings(self) -> tuple[float, float]:
         """(percentage held back, floor) for this frame."""
+        return self.config.filter_pct, self._floor()
+
+    def _floor(self) -> float:
         cfg = self.config
-        return cfg.filter_pct, max(cfg.noise_floor, cfg.relative_floor * self.scale)
+        return max(cfg.noise_floor, cfg.relative_floor * self.scale)
 
     def seed(self, x: torch.Tensor) -> None:
         n, c, h, w = x.shape
@@ -133,6 +143,7 @@ class PixelFilter(_Stats):
         self._m: torch.Tensor | None = None
         self.tile_id: torch.Tensor | None = None
         self.pending = False
+        self.held_max = 0.0
         self._kf: Any = None  # the kernel pixel filter sharing r and m (None: not built yet; False: unavailable)
 
     @property
@@ -181,7 +192,7 @@ class PixelFilter(_Stats):
             n = kernels_bridge.pending_candidates(self._kf)
             keep = min(1.0, max(0.0, (100.0 - self.config.filter_pct) / 100.0))
             total = self._total()  # the kernel set granules = m.numel() when it ran
-            return min(n, int(keep * (n if total is None else total) + 0.5)) == 0
+            return min(n, int(keep * (n if total is None else total) + 0.5)) == 0 or self._kf.held_max <= self._floor()
         return super().quiet()
 
     def skip(self) -> None:
@@ -225,7 +236,9 @@ class PixelFilter(_Stats):
             out = self._select_tiles(cand, pct, floor)
         else:
             self.granules = self.m.numel()
-            keep = select_forward(self.m.index_select(0, cand), pct, floor, self._total())
+            mags = self.m.index_select(0, cand)
+            keep = select_forward(mags, pct, floor, self._total())
+            self.held_max = float(mags[~keep].max()) if bool((~keep).any()) else 0.0
             fwd = cand[keep]
             self.candidates, self.forwarded = int(cand.numel()), int(fwd.numel())
             out = self._emit(fwd)
@@ -255,6 +268,7 @@ class PixelFilter(_Stats):
         return PixelDelta(fwd, vals, self.shape)
 
     def _select_tiles(self, cand: torch.Tensor, pct: float, floor: float) -> PixelDelta | None:
+        self.held_max = float("inf")  # not tracked for tiles
         tid = self._tiles().index_select(0, cand)
         tmag = torch.zeros(self.num_tiles, dtype=self.m.dtype)
         tmag.scatter_reduce_(0, tid, self.m.index_select(0, cand), "amax", include_self=True)
@@ -270,6 +284,7 @@ class PixelFilter(_Stats):
         return out
 
     def _select_elements(self, cand: torch.Tensor, pct: float, floor: float) -> PixelDelta | None:
+        self.held_max = float("inf")  # not tracked for elements
         rows = self.r.index_select(0, cand)
         mag = rows.abs()
         nz = mag > 0

@@ -43,7 +43,8 @@ def _accumulate_nb(idx, vals, r, m, in_cand, cand, ncand):
 
 @jit
 def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch):
-    """Choose, forward and clear pixels (see module doc). Returns (sorted index, rows, new candidate count)."""
+    """Choose, forward and clear pixels (see module doc). Returns (sorted index, rows, new candidate count, largest
+    magnitude held back)."""
     # drop candidates whose magnitude went back to exactly 0, gathering the others' magnitudes in the same pass
     mc = np.empty(ncand, np.float32)
     n = 0
@@ -72,6 +73,7 @@ def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scrat
     fidx = np.empty(k, np.int64)  # at most k picked
     nf = 0
     keep = 0
+    held_max = np.float32(0.0)
     for j in range(n):
         p = cand[j]
         v = mc[j]
@@ -86,6 +88,8 @@ def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scrat
         else:
             cand[keep] = p
             keep += 1
+            if v > held_max:
+                held_max = v
     fidx = fidx[:nf]
     if nf * 64 > m.shape[0]:  # many: an ordered scan of a flag array beats a sort
         for j in range(nf):
@@ -104,7 +108,7 @@ def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scrat
         out[j, :] = r[p, :]
         r[p, :] = 0
         m[p] = 0
-    return fidx, out, keep
+    return fidx, out, keep, held_max
 
 
 class PixelFilter:
@@ -112,7 +116,8 @@ class PixelFilter:
 
     pct: percentage of the candidate pixels held back (0 = forward every pixel with m > noise_floor).
     residual (N*H*W, C) float32 and magnitude (N*H*W,) may be given to share state with the caller (otherwise
-    zeros); after changing them directly, call `resync()`.
+    zeros); after changing them directly, call `resync()`. `held_max`: the largest magnitude held back by the last
+    `select` (a call without new delta forwards nothing if it is <= the floor).
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class PixelFilter:
         if self.residual.shape != (rows, c) or not self.residual.is_contiguous():
             raise ValueError(f"residual must be contiguous ({rows}, {c})")
         self.magnitude = magnitude if magnitude is not None else self.residual.abs().amax(1)
+        self.held_max = float("inf")  # unknown until the first select
         if self.backend == "numba":
             self._r, self._m = self.residual.numpy(), self.magnitude.numpy()
             self._in_cand = np.zeros(rows, np.uint8)
@@ -139,6 +145,7 @@ class PixelFilter:
 
     def resync(self) -> None:
         """Rebuild the candidate list from the magnitudes (one full pass; after external edits of r or m)."""
+        self.held_max = float("inf")  # unknown: what is held was not chosen by `select`
         start = self.magnitude.gt(0).nonzero().squeeze(1)
         if self.backend == "numba":
             self._in_cand[:] = 0
@@ -173,6 +180,7 @@ class PixelFilter:
         else:
             self._in_cand_t[cand] = False
             self._cand_t = cand[:0]
+        self.held_max = 0.0
 
     def accumulate(self, delta: PixelDelta) -> None:
         """r[idx] += Δ and refresh m and the candidates there (Δ indices must be unique)."""
@@ -203,8 +211,9 @@ class PixelFilter:
         keep_frac = min(1.0, max(0.0, (100.0 - float(pct)) / 100.0))
         if self.backend == "numba":
             if self._ncand == 0:
+                self.held_max = 0.0
                 return PixelDelta.empty(self.shape)
-            fidx, out, self._ncand = _select_nb(
+            fidx, out, self._ncand, held = _select_nb(
                 self._r,
                 self._m,
                 self._in_cand,
@@ -215,6 +224,7 @@ class PixelFilter:
                 np.float32(noise_floor),
                 self._scratch,
             )
+            self.held_max = float(held)
             return PixelDelta(torch.from_numpy(fidx), torch.from_numpy(out), self.shape)
         return self._select_torch(keep_frac, noise_floor, of_positions)
 
@@ -237,6 +247,7 @@ class PixelFilter:
         elif k > 0:
             chosen[torch.topk(mc, k, sorted=False).indices] = True
         chosen &= mc.gt(noise_floor)
+        self.held_max = float(mc[~chosen].max()) if bool((~chosen).any()) else 0.0
         fidx, _ = torch.sort(cand[chosen])
         self._cand_t = cand[~chosen]
         self._in_cand_t[fidx] = False
