@@ -80,7 +80,8 @@ def _closed_port() -> int:
 @pytest.mark.parametrize(
     "case",
     ["missing_file", "not_a_video", "unreachable_url", "unknown_model", "cfg_without_weights", "bad_onnx",
-     "unwritable_out", "bad_imgsz", "onnx_without_family", "negative_relative_floor"],
+     "unwritable_out", "bad_imgsz", "onnx_without_family", "negative_relative_floor", "error_target_out_of_range",
+     "error_target_in_dense_mode", "probe_every_one"],
 )
 def test_bad_input_gives_one_clear_line(case: str, tmp_path: Path) -> None:
     out = tmp_path / "r.jsonl"
@@ -117,6 +118,15 @@ def test_bad_input_gives_one_clear_line(case: str, tmp_path: Path) -> None:
     elif case == "negative_relative_floor":
         args += ["--mode", "delta", "--filter", "1", "--relative-floor", "-0.3"]
         words = ("--relative-floor",)
+    elif case == "error_target_out_of_range":
+        args += ["--mode", "delta", "--error-target", "1.5"]
+        words = ("--error-target", "(0, 1)")
+    elif case == "error_target_in_dense_mode":
+        args += ["--error-target", "0.05"]
+        words = ("--error-target", "delta")
+    elif case == "probe_every_one":
+        args += ["--mode", "delta", "--error-target", "0.05", "--probe-every", "1"]
+        words = ("--probe-every",)
     proc = run_cli("detect", *args, timeout=60)
     assert_clean_error(proc, *words)
     assert not out.exists()

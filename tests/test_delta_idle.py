@@ -195,18 +195,18 @@ def test_input_mirror_tracks_the_applied_input_on_real_frames() -> None:
 def test_input_mirror_margin_stays_under_the_floor() -> None:
     from deluceva.delta.inputs import InputMirror
 
-    assert InputMirror(0, 0, (32, 32), 3.0).margin == 2
-    assert InputMirror(0, 0, (32, 32), 2.5).margin == 1
-    assert InputMirror(0, 0, (32, 32), 0.0).margin == 0  # exact: only an identical image is unchanged
-    m = InputMirror(0, 0, (32, 32), 3.0)
+    assert InputMirror.margin(3.0) == 2
+    assert InputMirror.margin(2.5) == 1
+    assert InputMirror.margin(0.0) == 0  # exact: only an identical image is unchanged
+    m = InputMirror(0, 0, (32, 32))
     base = np.full((32, 32, 3), 100, np.uint8)
-    assert not m.unchanged(base)  # nothing seeded yet
+    assert not m.unchanged(base, 3.0)  # nothing seeded yet
     m.seeded(base)
     near, far = base.copy(), base.copy()
     near[5, 7, 1] = 102
     far[31, 31, 2] = 97  # 3 grey levels: the float comparison decides, so not "unchanged"
-    assert m.unchanged(near) and not m.unchanged(far)
-    assert not m.unchanged(base[:16])  # another size
+    assert m.unchanged(near, 3.0) and not m.unchanged(far, 3.0) and not m.unchanged(near, 0.0)
+    assert not m.unchanged(base[:16], 3.0)  # another size
 
 
 def test_engine_idle_shortcut_gives_the_records_of_the_full_path() -> None:

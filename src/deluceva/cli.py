@@ -42,6 +42,10 @@ def detect(
     mode: Annotated[str, typer.Option(help="dense | delta")] = "dense",
     filter_pct: Annotated[float, typer.Option("--filter", help="Delta mode: target filtering percentage 0..100")] = 0.0,
     refresh_every: Annotated[int | None, typer.Option(help="Delta mode: dense re-seed every N frames")] = None,
+    error_target: Annotated[float | None, typer.Option(
+        help="Delta mode: keep 1 - AP@0.5 against dense under this (e.g. 0.05): dense probes every --probe-every "
+             "frames, a PI controller moves the filtering percentage (starting at --filter)")] = None,
+    probe_every: Annotated[int, typer.Option(help="With --error-target: probe (also run dense) every N frames")] = 10,
     relative_floor: Annotated[float, typer.Option(
         help="Delta mode, --filter > 0: every filter also holds back changes up to this fraction of its input's "
              "std (e.g. 0.3 with --filter 0.01 --plan delta: profiles and plans are made without it)")] = 0.0,
@@ -69,7 +73,8 @@ def detect(
 
     config = EngineConfig(mode=mode, imgsz=imgsz, filter_pct=filter_pct, threads=threads,  # type: ignore[arg-type]
                           dense_engine=dense_engine, refresh_every=refresh_every, plan=plan,
-                          relative_floor=relative_floor, filter_of=filter_of)
+                          relative_floor=relative_floor, filter_of=filter_of, error_target=error_target,
+                          probe_every=probe_every)
     if max_frames is not None and max_frames < 1:
         raise DelucevaError(f"--max-frames must be >= 1, got {max_frames}")
     if stats is not None and mode != "delta":
@@ -248,6 +253,9 @@ def bench_delta(
     refresh_every: Annotated[int | None, typer.Option(help="Dense re-seed every N frames")] = None,
     dense_engine: Annotated[str, typer.Option(help="Dense baseline engine")] = "auto",
     relative_floor: Annotated[float, typer.Option(help="Delta engine's relative floor (see detect)")] = 0.0,
+    error_target: Annotated[float | None, typer.Option(
+        help="Delta engine's error target (see detect; --filters are then the starting percentages)")] = None,
+    probe_every: Annotated[int, typer.Option(help="With --error-target: probe every N frames")] = 10,
     plan: Annotated[str, typer.Option(help="Delta engine's plan: auto | dense | delta | FILE")] = "auto",
     filter_of: Annotated[str, typer.Option(help="Delta engine's --filter-of: changes | positions (see detect)")
                          ] = "changes",
@@ -259,7 +267,7 @@ def bench_delta(
     videos = video or sorted(Path("assets/video").glob("*.mp4")) + sorted(Path("assets/video").glob("*.avi"))
     run_delta_benchmark(model, imgsz, videos, frames, fps, [float(f) for f in filters.split(",")], threads,
                         refresh_every, dense_engine, out, out_console, progress_bar, relative_floor=relative_floor,
-                        plan=plan, filter_of=filter_of)
+                        plan=plan, filter_of=filter_of, error_target=error_target, probe_every=probe_every)
 
 
 @bench_app.command("plan")

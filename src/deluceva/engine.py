@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from deluceva.control import ErrorProbe, PIController
 from deluceva.delta.inputs import InputMirror
 from deluceva.delta.pixels import PixelDelta
 from deluceva.dense import DenseRun, make_dense, resolve_dense_engine
@@ -45,7 +46,11 @@ class EngineConfig:
     plan: delta mode's physical plan, auto | dense | delta | plan/profile file (see deluceva.plan).
     dense_seed: in delta mode, seeding frames (the first, re-seeds) take the units' full values from one ONNX Runtime
     run of the network with its intermediate tensors exported (deluceva.seeding) when the dense engine is ONNX
-    Runtime; off: the units compute them in PyTorch."""
+    Runtime; off: the units compute them in PyTorch.
+    error_target: delta mode, error control (deluceva.control): every `probe_every`-th delta frame also runs dense
+    (its dense detections are the frame's result and re-seed the state), and a PI controller moves the filtering
+    percentage, starting from filter_pct, so that 1 - AP@0.5 of the delta detections against the dense ones over
+    the last probes stays under error_target. None: the percentage stays filter_pct."""
 
     mode: Mode = "dense"
     imgsz: str | int | tuple[int, int] | None = None
@@ -58,6 +63,8 @@ class EngineConfig:
     filter_of: str = "changes"
     plan: str = "auto"
     dense_seed: bool = True
+    error_target: float | None = None
+    probe_every: int = 10
 
     def __post_init__(self) -> None:
         if self.mode not in ("dense", "delta"):
@@ -72,6 +79,11 @@ class EngineConfig:
             raise DelucevaError(f"--threads must be >= 1, got {self.threads}")
         if self.refresh_every is not None and self.refresh_every < 1:
             raise DelucevaError(f"--refresh-every must be >= 1, got {self.refresh_every}")
+        if self.error_target is not None:
+            if self.mode != "delta":
+                raise DelucevaError("--error-target needs --mode delta")
+            ErrorProbe(self.probe_every)  # validates probe_every
+            PIController(self.error_target, self.filter_pct)  # validates the target
 
 
 class Engine:
@@ -90,6 +102,13 @@ class Engine:
         self._frames_since_dense = 0
         self.last_unit_stats: list[dict[str, Any]] = []
         self._mirror: InputMirror | None = None  # delta mode: uint8 copy of the network's applied input
+        self.filter_pct = self.config.filter_pct  # the current target percentage (error control moves it)
+        self._probe: ErrorProbe | None = None
+        self._controller: PIController | None = None
+        if self.config.error_target is not None:
+            self._probe = ErrorProbe(self.config.probe_every)
+            self._controller = PIController(self.config.error_target, self.config.filter_pct)
+        self.last_probe: dict[str, float] | None = None  # {error, filter_pct} of the last probe frame
         self._last_delta_dets: tuple[int, Geometry, Detections] | None = None
 
     # -- preparation -------------------------------------------------------------------------------------------
@@ -176,8 +195,9 @@ class Engine:
         every = cfg.refresh_every
         if every is not None and self._frames_since_dense >= every:
             net.refresh()
-        plan = apply_plan(net, self._plans, cfg.filter_pct)  # sets net.filter_pct and the plan band's unit modes
-        on = cfg.filter_pct > 0.0
+        pct = self.filter_pct
+        plan = apply_plan(net, self._plans, pct)  # sets net.filter_pct and the plan band's unit modes
+        on = pct > 0.0
         scale = float(getattr(self.detector, "input_scale", 1 / 255))
         floor = cfg.input_noise_floor * scale if on else 0.0
         net.config.input_floor = floor
@@ -185,7 +205,7 @@ class Engine:
         net.config.percent_of = cfg.filter_of
         decision, act, guard = self._guard_decision(plan, x, floor)
         if decision != "ort" and plan is not None and plan.kind == "ort":  # probing a dense-engine band's units
-            apply_plan(net, dataclasses.replace(plan, kind="units"), cfg.filter_pct)
+            apply_plan(net, dataclasses.replace(plan, kind="units"), pct)
         t0 = time.perf_counter()
         if decision == "ort":
             outs = self._dense[self._input_hw](x)
@@ -280,6 +300,11 @@ class Engine:
                 return self.detector.postprocess(outs, geo), "dense"
         outs, mode = self._run_delta(x)
         net = self._delta
+        probe = self._probe
+        if probe is not None and mode == "delta" and probe.due() and not net.last_skipped:
+            outs, mode = self._probe_frame(x, outs, geo)
+        elif probe is not None and probe.tick(mode) and self._controller is not None:
+            self.filter_pct = self._controller.update(0.0)  # dense-engine frames are exact
         if fitted is not None:
             self._track_input(fitted[0], geo, mode)
         frame = getattr(net, "frames_since_reset", None)
@@ -300,7 +325,8 @@ class Engine:
         filter work, no previous detections for this geometry)."""
         mirror, net = self._mirror, self._delta
         last = self._last_delta_dets
-        if (mirror is None or net is None or last is None or last[1] != geo or not mirror.unchanged(img)
+        floor = self.config.input_noise_floor if self.filter_pct > 0.0 else 0.0
+        if (mirror is None or net is None or last is None or last[1] != geo or not mirror.unchanged(img, floor)
                 or (self.config.refresh_every is not None and self._frames_since_dense >= self.config.refresh_every)):
             return None
         t0 = time.perf_counter()
@@ -311,6 +337,8 @@ class Engine:
         if last[0] != frame - 1:
             return None  # not reached: the idle call follows the frame of `last` (kept for safety)
         self._frames_since_dense += 1
+        if self._probe is not None:
+            self._probe.tick("delta")  # an idle frame is not probed: its output is the last one
         self._last_delta_dets = (frame, geo, last[2])
         self.last_unit_stats = list(net.last_stats)
         guard = self._guard
@@ -322,14 +350,35 @@ class Engine:
                                "kind": self._band}
         return last[2]
 
+    def _probe_frame(self, x: torch.Tensor, outs: tuple[torch.Tensor, ...], geo: Geometry
+                     ) -> tuple[tuple[torch.Tensor, ...], str]:
+        """A probed frame: the delta outputs just computed are compared with a dense run of the same frame, which
+        re-seeds the state and is the frame's result; the controller sets the percentage for the next frames."""
+        net = self._delta
+        with single_threaded():
+            delta_dets = self.detector.postprocess(outs, geo)
+        net.refresh()
+        seeder = self._seeders.get(self._input_hw)
+        with torch.inference_mode():
+            out = seeder(x) if seeder is not None and net.needs_seed(x) else net(x)
+        dense_outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        with single_threaded():
+            dense_dets = self.detector.postprocess(dense_outs, geo)
+        assert self._probe is not None and self._controller is not None
+        error = self._probe.observe(dense_dets, delta_dets)
+        used = self.filter_pct
+        self.filter_pct = self._controller.update(error)
+        self._frames_since_dense = 0
+        self.last_probe = {"error": error, "filter_pct": used, "next_filter_pct": self.filter_pct}
+        return dense_outs, "refresh"
+
     def _track_input(self, img: np.ndarray, geo: Geometry, mode: str) -> None:
         """Keep the uint8 mirror of the network's applied input in step with the frame just run (`mode`)."""
         net = self._delta
         mirror = self._mirror
         key = (geo.input_hw, int(geo.pad_xy[1]), int(geo.pad_xy[0]))
         if mirror is None or (mirror.canvas_hw, mirror.top, mirror.left) != key:
-            floor = self.config.input_noise_floor if self.config.filter_pct > 0.0 else 0.0
-            mirror = self._mirror = InputMirror(key[1], key[2], geo.input_hw, floor)
+            mirror = self._mirror = InputMirror(key[1], key[2], geo.input_hw)
         dx = getattr(net, "last_input_delta", None)
         if mode == "refresh":
             mirror.seeded(img)
@@ -340,6 +389,7 @@ class Engine:
 
     def process(self, frame: FrameLike) -> dict[str, Any]:
         self.ensure_prepared(frame.rgb.shape[:2])  # one-off export/conversion is not frame time
+        pct = self.filter_pct  # the frame's percentage (a probe may move it for the next frames)
         t0 = time.perf_counter()
         dets, mode = self.infer(frame.rgb)
         ms = (time.perf_counter() - t0) * 1000.0
@@ -347,7 +397,7 @@ class Engine:
             "frame": int(frame.index),
             "pts": round(float(frame.pts_seconds), 6),
             "mode": mode,
-            "filter_pct": float(self.config.filter_pct) if mode == "delta" else 0.0,
+            "filter_pct": float(pct) if mode == "delta" else 0.0,
             "ms": round(ms, 3),
             "detections": dets.to_records(self.detector.class_names),
         }

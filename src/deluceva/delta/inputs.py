@@ -123,25 +123,31 @@ class InputMirror:
     """uint8 copy of the input the delta network has applied so far, over the image a detector's `fit` places on the
     canvas (batch 1): finds frames that change no pixel beyond the input floor without building the float input.
 
-    `unchanged(img)` is conservative: True only if every |img - mirror| <= `margin` grey levels, with margin < the
-    floor by at least half a grey level (0 when the floor is 0: only an identical image), so the float comparison of
-    `input_delta` would forward nothing either. Keep it in step: `seeded(img)` after a dense frame (the network
-    applied the whole input), `applied(img, index)` after a delta frame (index: the forwarded canvas pixels,
-    `PixelDelta.index` of the input delta), `invalidate()` when the network's input state is unknown.
+    `unchanged(img, floor_grey)` is conservative: True only if every |img - mirror| <= `margin(floor_grey)` grey
+    levels, under the input floor by at least half a grey level (0 when the floor is 0: only an identical image), so
+    the float comparison of `input_delta` would forward nothing either. Keep it in step: `seeded(img)` after a
+    dense frame (the network applied the whole input), `applied(img, index)` after a delta frame (index: the
+    forwarded canvas pixels, `PixelDelta.index` of the input delta), `invalidate()` when the network's input state
+    is unknown.
     """
 
-    def __init__(self, top: int, left: int, canvas_hw: tuple[int, int], floor_grey: float) -> None:
+    def __init__(self, top: int, left: int, canvas_hw: tuple[int, int]) -> None:
         self.top, self.left = top, left
         self.canvas_hw = canvas_hw
-        self.margin = max(0, math.ceil(floor_grey - 0.5) - 1)
         self.image: np.ndarray | None = None
 
-    def unchanged(self, img: np.ndarray) -> bool:
+    @staticmethod
+    def margin(floor_grey: float) -> int:
+        """Largest whole change in grey levels surely at or under an input floor of `floor_grey` grey levels."""
+        return max(0, math.ceil(floor_grey - 0.5) - 1)
+
+    def unchanged(self, img: np.ndarray, floor_grey: float) -> bool:
         a = self.image
         if a is None or a.shape != img.shape or img.dtype != np.uint8 or not HAVE_NUMBA:
             return False
         h = img.shape[0]
-        return not _max_absdiff_over_nb(np.ascontiguousarray(img).reshape(h, -1), a.reshape(h, -1), self.margin)
+        limit = self.margin(floor_grey)
+        return not _max_absdiff_over_nb(np.ascontiguousarray(img).reshape(h, -1), a.reshape(h, -1), limit)
 
     def seeded(self, img: np.ndarray) -> None:
         self.image = np.array(img, dtype=np.uint8, copy=True) if img.dtype == np.uint8 else None

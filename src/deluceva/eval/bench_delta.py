@@ -38,7 +38,9 @@ def _decode(video: Path, frames: int, fps: float | None):
         return list(src)
 
 
-def _run(engine: Engine, frames) -> tuple[list[Detections], list[float], list[str], list[list[dict]]]:
+def _run(engine: Engine, frames, pcts: list[float] | None = None
+         ) -> tuple[list[Detections], list[float], list[str], list[list[dict]]]:
+    """Detections, ms, modes and unit stats per frame; `pcts` (if given) gets the percentage of every delta frame."""
     dets, ms, modes, units = [], [], [], []
     for f in frames:
         rec = engine.process(f)
@@ -46,6 +48,8 @@ def _run(engine: Engine, frames) -> tuple[list[Detections], list[float], list[st
         ms.append(rec["ms"])
         modes.append(rec["mode"])
         units.append(engine.last_unit_stats)
+        if pcts is not None and rec["mode"] == "delta":
+            pcts.append(rec["filter_pct"])
     return dets, ms, modes, units
 
 
@@ -153,9 +157,11 @@ def overhead_line(o: dict) -> str:
 def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frames: int, fps: float | None,
                         filters: list[float], threads: int, refresh_every: int | None, dense_engine: str,
                         out: Path, console: Console, progress_factory, overhead: bool = True,
-                        relative_floor: float = 0.0, plan: str = "auto", filter_of: str = "changes") -> dict:
-    """Run the benchmark (see module docs); relative_floor, plan and filter_of are the delta engine's
-    (EngineConfig)."""
+                        relative_floor: float = 0.0, plan: str = "auto", filter_of: str = "changes",
+                        error_target: float | None = None, probe_every: int = 10) -> dict:
+    """Run the benchmark (see module docs); relative_floor, plan, filter_of, error_target and probe_every are the
+    delta engine's (EngineConfig; with an error target each filter is the controller's starting percentage, and the
+    row adds the mean percentage of the delta frames and the number of probes)."""
     torch.set_num_threads(threads)
     det = load_model(model)
     rows: list[dict] = []
@@ -179,8 +185,16 @@ def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frame
             for pct in filters:
                 eng = Engine(det, EngineConfig(mode="delta", imgsz=imgsz, threads=threads, filter_pct=pct,
                                                refresh_every=refresh_every, relative_floor=relative_floor,
-                                               plan=plan, filter_of=filter_of))
-                got, ms, modes, units = _run(eng, clip)
+                                               plan=plan, filter_of=filter_of, error_target=error_target,
+                                               probe_every=probe_every))
+                used: list[float] = []
+                got, ms, modes, units = _run(eng, clip, used)
+                ctl = {}
+                if error_target is not None:
+                    ctl = {"error_target": error_target, "probe_every": probe_every,
+                           "mean_filter_pct": statistics.fmean(used) if used else None,
+                           "probes": len(eng._probe.errors) if eng._probe is not None else 0,
+                           "probe_errors": [round(e, 4) for e in (eng._probe.errors if eng._probe else [])]}
                 steady = ms[1:] or ms  # the first frame seeds the state densely
                 rows.append({**base, "filter_pct": pct, "filter_of": filter_of, "relative_floor": relative_floor,
                              "plan": plan,
@@ -188,7 +202,7 @@ def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frame
                              "delta_ms_median": statistics.median(steady),
                              "speedup_mean": statistics.fmean(dense_ms) / statistics.fmean(ms),
                              "map50_vs_dense": weighted_ap50(ref, got),
-                             "refresh_frames": modes.count("refresh"),
+                             "refresh_frames": modes.count("refresh"), **ctl,
                              "units": _unit_breakdown(units[1:])})
                 bar.update(task, advance=1)
     _print_table(rows, console)
@@ -205,11 +219,15 @@ def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frame
 
 def _print_table(rows: list[dict], console: Console) -> None:
     t = Table(title="Delta vs dense, end to end (ms/frame, mean over the clip; same frames, same threads)")
+    controlled = any("error_target" in r for r in rows)
     for c in ("model", "imgsz", "video", "frames", "thr", "filter %", "rel. floor", "dense ms", "delta ms", "speed-up",
               "mAP@0.5 vs dense", "refreshes"):
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(r["model"], r["imgsz"], r["video"], str(r["frames"]), str(r["threads"]), f"{r['filter_pct']:g}",
+        pct = f"{r['filter_pct']:g}"
+        if controlled and r.get("mean_filter_pct") is not None:  # start -> mean over the delta frames
+            pct = f"{r['filter_pct']:g} -> {r['mean_filter_pct']:.0f}"
+        t.add_row(r["model"], r["imgsz"], r["video"], str(r["frames"]), str(r["threads"]), pct,
                   f"{r.get('relative_floor', 0.0):g}", f"{r['dense_ms_mean']:.1f}", f"{r['delta_ms_mean']:.1f}",
                   f"{r['speedup_mean']:.2f}x", f"{r['map50_vs_dense']:.3f}", str(r["refresh_frames"]))
     console.print(t)
