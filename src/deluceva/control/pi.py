@@ -35,7 +35,7 @@ class PIController:
     kp: float = 0.05
     ki: float = 0.3
     pct_min: float = 0.0
-    pct_max: float = 99.0
+    pct_max: float = 95.0  # above, a filter's backlog delays changes by P / (100 - P) >= 19 frames (docs)
     pct: float = field(init=False)
     integral: float = field(init=False, default=0.0)
 
