@@ -52,6 +52,18 @@ def test_detect_end_to_end_jsonl_and_video(tmp_path: Path) -> None:
     assert vid.stat().st_size > 10_000
 
 
+def test_detect_with_an_error_target_probes_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    proc = run_cli("detect", str(ROOT / "assets/video/vtest_pets09_s2l1.avi"), "--model", "yolov5n", "--imgsz",
+                   "384x224", "--mode", "delta", "--plan", "delta", "--filter", "90", "--error-target", "0.05",
+                   "--probe-every", "4", "--max-frames", "13", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    recs = read_results(out)
+    assert [r["mode"] for r in recs[:5]] == ["refresh", "delta", "delta", "delta", "refresh"]  # seed, probe
+    assert recs[1]["filter_pct"] == 90.0 and recs[5]["filter_pct"] < 90.0  # walking people: the probe cut it
+    assert "probes (error: mean, max)" in proc.stderr and "filter % on delta frames" in proc.stderr  # the summary
+
+
 def test_detect_parquet_readable_by_duckdb(tmp_path: Path) -> None:
     duckdb = pytest.importorskip("duckdb")
     out = tmp_path / "r.parquet"

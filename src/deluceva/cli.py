@@ -6,7 +6,7 @@ import contextlib
 import statistics
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -115,13 +115,19 @@ def detect(
                 if vsink:
                     vsink.write(frame.rgb, rec["detections"])
                 rate = 1000.0 / statistics.fmean(r["ms"] for r in records[-20:])
-                bar.update(task, advance=1, rate=f"{rate:5.1f} fps")
+                shown = f"{rate:5.1f} fps"
+                if error_target is not None:  # the controller at work: its percentage and the last probe's error
+                    probe = engine.last_probe
+                    shown += f"  filter {engine.filter_pct:4.1f}%" + (f"  error {probe['error']:.3f}" if probe else "")
+                bar.update(task, advance=1, rate=shown)
     if not records:
         raise DelucevaError(f"no frames were decoded from {source}")
-    _print_summary(records, detector.name, out, video_out)
+    _print_summary(records, detector.name, out, video_out, engine if error_target is not None else None)
 
 
-def _print_summary(records: list[dict], model: str, out: Path | None, video_out: Path | None) -> None:
+def _print_summary(records: list[dict], model: str, out: Path | None, video_out: Path | None,
+                   controlled: Any = None) -> None:
+    """The run's table; `controlled`: the engine of an --error-target run (its probes and percentages)."""
     ms = [r["ms"] for r in records]
     n_det = sum(len(r["detections"]) for r in records)
     modes: dict[str, int] = {}
@@ -132,6 +138,13 @@ def _print_summary(records: list[dict], model: str, out: Path | None, video_out:
     t.add_row("modes", ", ".join(f"{k}: {v}" for k, v in modes.items()))
     t.add_row("ms/frame (median, mean)", f"{statistics.median(ms):.1f}, {statistics.fmean(ms):.1f}")
     t.add_row("detections", str(n_det))
+    if controlled is not None:
+        errors = controlled.errors_measured
+        pcts = [r["filter_pct"] for r in records if r["mode"] == "delta"]
+        t.add_row("probes (error: mean, max)", f"{len(errors)}" + (
+            f" ({statistics.fmean(errors):.3f}, {max(errors):.3f})" if errors else ""))
+        if pcts:
+            t.add_row("filter % on delta frames (mean, last)", f"{statistics.fmean(pcts):.1f}, {pcts[-1]:.1f}")
     for label, path in (("results", out), ("annotated video", video_out)):
         if path:
             t.add_row(label, str(path))

@@ -350,6 +350,11 @@ class Engine:
                                "kind": self._band}
         return last[2]
 
+    @property
+    def errors_measured(self) -> list[float]:
+        """The errors of every probe so far (error control; empty without it)."""
+        return list(self._probe.errors) if self._probe is not None else []
+
     def _probe_frame(self, x: torch.Tensor, outs: tuple[torch.Tensor, ...], geo: Geometry
                      ) -> tuple[tuple[torch.Tensor, ...], str]:
         """A probed frame: the delta outputs just computed are compared with a dense run of the same frame, which

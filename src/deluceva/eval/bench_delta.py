@@ -193,8 +193,8 @@ def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frame
                 if error_target is not None:
                     ctl = {"error_target": error_target, "probe_every": probe_every,
                            "mean_filter_pct": statistics.fmean(used) if used else None,
-                           "probes": len(eng._probe.errors) if eng._probe is not None else 0,
-                           "probe_errors": [round(e, 4) for e in (eng._probe.errors if eng._probe else [])]}
+                           "probes": len(eng.errors_measured),
+                           "probe_errors": [round(e, 4) for e in eng.errors_measured]}
                 steady = ms[1:] or ms  # the first frame seeds the state densely
                 rows.append({**base, "filter_pct": pct, "filter_of": filter_of, "relative_floor": relative_floor,
                              "plan": plan,
