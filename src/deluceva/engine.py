@@ -108,7 +108,7 @@ class Engine:
         if self.config.error_target is not None:
             self._probe = ErrorProbe(self.config.probe_every)
             self._controller = PIController(self.config.error_target, self.config.filter_pct)
-        self.last_probe: dict[str, float] | None = None  # {error, filter_pct} of the last probe frame
+        self.last_probe: dict[str, float] | None = None  # the last probe: {error, filter_pct, next_filter_pct}
         self._last_delta_dets: tuple[int, Geometry, Detections] | None = None
 
     # -- preparation -------------------------------------------------------------------------------------------
@@ -301,8 +301,10 @@ class Engine:
         outs, mode = self._run_delta(x)
         net = self._delta
         probe = self._probe
+        probed = None
         if probe is not None and mode == "delta" and probe.due() and not net.last_skipped:
-            outs, mode = self._probe_frame(x, outs, geo)
+            outs, probed = self._probe_frame(x, outs, geo)
+            mode = "refresh"
         elif probe is not None and probe.tick(mode) and self._controller is not None:
             self.filter_pct = self._controller.update(0.0)  # dense-engine frames are exact
         if fitted is not None:
@@ -313,8 +315,11 @@ class Engine:
                 and not getattr(net, "last_changed", True)):
             self._last_delta_dets = (frame, geo, last[2])
             return last[2], mode
-        with single_threaded():
-            dets = self.detector.postprocess(outs, geo)
+        if probed is not None:
+            dets = probed
+        else:
+            with single_threaded():
+                dets = self.detector.postprocess(outs, geo)
         self._last_delta_dets = (frame, geo, dets) if mode != "dense" else None
         return dets, mode
 
@@ -326,16 +331,16 @@ class Engine:
         mirror, net = self._mirror, self._delta
         last = self._last_delta_dets
         floor = self.config.input_noise_floor if self.filter_pct > 0.0 else 0.0
-        if (mirror is None or net is None or last is None or last[1] != geo or not mirror.unchanged(img, floor)
-                or (self.config.refresh_every is not None and self._frames_since_dense >= self.config.refresh_every)):
+        if (mirror is None or net is None or last is None or last[1] != geo
+                or last[0] != net.frames_since_reset  # the last detections are of the network's last frame
+                or (self.config.refresh_every is not None and self._frames_since_dense >= self.config.refresh_every)
+                or not mirror.unchanged(img, floor)):
             return None
         t0 = time.perf_counter()
         if net.idle_frame() is None:
             return None
         net_ms = (time.perf_counter() - t0) * 1e3
         frame = net.frames_since_reset
-        if last[0] != frame - 1:
-            return None  # not reached: the idle call follows the frame of `last` (kept for safety)
         self._frames_since_dense += 1
         if self._probe is not None:
             self._probe.tick("delta")  # an idle frame is not probed: its output is the last one
@@ -356,9 +361,10 @@ class Engine:
         return list(self._probe.errors) if self._probe is not None else []
 
     def _probe_frame(self, x: torch.Tensor, outs: tuple[torch.Tensor, ...], geo: Geometry
-                     ) -> tuple[tuple[torch.Tensor, ...], str]:
+                     ) -> tuple[tuple[torch.Tensor, ...], Detections]:
         """A probed frame: the delta outputs just computed are compared with a dense run of the same frame, which
-        re-seeds the state and is the frame's result; the controller sets the percentage for the next frames."""
+        re-seeds the state and is the frame's result (its outputs and detections are returned); the controller sets
+        the percentage for the next frames."""
         net = self._delta
         with single_threaded():
             delta_dets = self.detector.postprocess(outs, geo)
@@ -375,7 +381,7 @@ class Engine:
         self.filter_pct = self._controller.update(error)
         self._frames_since_dense = 0
         self.last_probe = {"error": error, "filter_pct": used, "next_filter_pct": self.filter_pct}
-        return dense_outs, "refresh"
+        return dense_outs, dense_dets
 
     def _track_input(self, img: np.ndarray, geo: Geometry, mode: str) -> None:
         """Keep the uint8 mirror of the network's applied input in step with the frame just run (`mode`)."""
