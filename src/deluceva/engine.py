@@ -192,14 +192,12 @@ class Engine:
         activity, kind}."""
         net = self._delta
         cfg = self.config
-        every = cfg.refresh_every
-        if every is not None and self._frames_since_dense >= every:
+        if self._refresh_due():
             net.refresh()
         pct = self.filter_pct
         plan = apply_plan(net, self._plans, pct)  # sets net.filter_pct and the plan band's unit modes
         on = pct > 0.0
-        scale = float(getattr(self.detector, "input_scale", 1 / 255))
-        floor = cfg.input_noise_floor * scale if on else 0.0
+        floor = self._input_floor_grey() * float(getattr(self.detector, "input_scale", 1 / 255))
         net.config.input_floor = floor
         net.config.relative_floor = cfg.relative_floor if on else 0.0
         net.config.percent_of = cfg.filter_of
@@ -323,6 +321,15 @@ class Engine:
         self._last_delta_dets = (frame, geo, dets) if mode != "dense" else None
         return dets, mode
 
+    def _refresh_due(self) -> bool:
+        """Whether `refresh_every` asks for a dense re-seed at this frame."""
+        every = self.config.refresh_every
+        return every is not None and self._frames_since_dense >= every
+
+    def _input_floor_grey(self) -> float:
+        """The input noise floor in grey levels at the current percentage (0: exact, every change goes through)."""
+        return self.config.input_noise_floor if self.filter_pct > 0.0 else 0.0
+
     def _idle_frame(self, img: np.ndarray, geo: Geometry) -> Detections | None:
         """The detections of a delta frame whose fitted uint8 image changes no pixel beyond the input floor against
         the input the network applied (InputMirror), found before the float input is built: the network's idle
@@ -330,11 +337,9 @@ class Engine:
         filter work, no previous detections for this geometry)."""
         mirror, net = self._mirror, self._delta
         last = self._last_delta_dets
-        floor = self.config.input_noise_floor if self.filter_pct > 0.0 else 0.0
         if (mirror is None or net is None or last is None or last[1] != geo
                 or last[0] != net.frames_since_reset  # the last detections are of the network's last frame
-                or (self.config.refresh_every is not None and self._frames_since_dense >= self.config.refresh_every)
-                or not mirror.unchanged(img, floor)):
+                or self._refresh_due() or not mirror.unchanged(img, self._input_floor_grey())):
             return None
         t0 = time.perf_counter()
         if net.idle_frame() is None:

@@ -192,7 +192,7 @@ class PixelFilter(_Stats):
             n = kernels_bridge.pending_candidates(self._kf)
             keep = min(1.0, max(0.0, (100.0 - self.config.filter_pct) / 100.0))
             total = self._total()  # the kernel set granules = m.numel() when it ran
-            return min(n, int(keep * (n if total is None else total) + 0.5)) == 0 or self._kf.held_max <= self._floor()
+            return min(n, int(keep * (n if total is None else total) + 0.5)) == 0 or self.held_max <= self._floor()
         return super().quiet()
 
     def skip(self) -> None:
@@ -250,6 +250,7 @@ class PixelFilter(_Stats):
         elif not isinstance(d, PixelDelta):
             d = pixels_from_dense(d)
         out = kf(d, pct, floor, self._of_positions)
+        self.held_max = kf.held_max
         remaining = kernels_bridge.pending_candidates(kf)
         self.granules = self.m.numel()
         self.forwarded = out.active
