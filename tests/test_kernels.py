@@ -159,6 +159,31 @@ def test_first_conv_gathers_for_clustered_and_scatters_for_scattered_changes():
         assert torch.equal(out.index, reachable(delta, (6, 6), 2, 2, 1))
 
 
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba path")
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 0, 1)])
+def test_small_delta_conv_kernel_equals_split_gemm_path(monkeypatch, stride, padding, dilation):
+    """The one-call kernel for few active pixels and the split + GEMM + scatter path give the same delta."""
+    from deluceva.delta.kernels import scatter
+
+    shape = (2, 24, 13, 11)
+    weight = torch.randn(40, 24, 3, 3, generator=torch.Generator().manual_seed(1))
+    ref_conv = SparseConv2d(weight, shape, stride, padding, dilation)
+    for frac, seed in [(0.01, 0), (0.05, 1), (0.3, 2)]:
+        delta = random_delta(shape, frac, False, seed)
+        ref = F.conv2d(delta.to_dense(), weight, None, stride, padding, dilation)
+        outs = []
+        for per_cout in (0, 1 << 40):  # never / always the small kernel
+            monkeypatch.setattr(scatter, "SMALL_CONV_MACS_PER_COUT", per_cout)
+            conv = SparseConv2d(weight, shape, stride, padding, dilation)
+            outs.append(conv(delta))
+            again = conv(delta)  # the persistent buffer is clean again
+            torch.testing.assert_close(again.values, outs[-1].values, atol=1e-5, rtol=1e-5)
+        assert torch.equal(outs[0].index, outs[1].index)
+        for out in outs:
+            torch.testing.assert_close(out.to_dense(), ref, atol=1e-4, rtol=1e-4)
+    assert ref_conv.out_shape == tuple(ref.shape)
+
+
 def test_conv_dense_above_switches_path_exactly():
     weight = torch.randn(6, 4, 3, 3)
     conv = SparseConv2d(weight, (1, 4, 12, 12), 1, 1, dense_above=0.3)

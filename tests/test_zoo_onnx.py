@@ -66,6 +66,12 @@ def assert_same_detections(a: Detections, b: Detections, box_tol: float = 1.0) -
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-3)
 
 
+def _away_from(d: Detections, threshold: float, eps: float = 1e-5) -> Detections:
+    """The detections whose score is not within eps of the threshold."""
+    keep = np.abs(d.scores - threshold) > eps
+    return Detections(d.boxes[keep], d.scores[keep], d.class_ids[keep])
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
     inter = np.prod(np.clip(rb - lt, 0, None))
@@ -186,17 +192,18 @@ def test_yolov5_reproduces_reference_outputs(yolov5, v5ref):
         x = nchw(v5ref["input_uint8_NHWC_RGB"][k]) / 255
         rows = yolov5.decode(run(yolov5.network, x), (640, 640))
         assert rows.shape == (25200, 85)
-        np.testing.assert_allclose(rows[:, 4], v5ref["out_obj"][k], atol=1e-5)
+        np.testing.assert_allclose(rows[:, 4], v5ref["out_obj"][k], atol=3e-5)
         top = rows[v5ref["top300_row_index"][k]]
         np.testing.assert_allclose(top[:, :4], v5ref["top300_rows"][k][:, :4], atol=2e-3)
-        np.testing.assert_allclose(top[:, 4:], v5ref["top300_rows"][k][:, 4:], atol=1e-5)
+        # scores: float32 rounding differs between CPUs' conv kernels (1.1e-5 seen on an AMD EPYC VM)
+        np.testing.assert_allclose(top[:, 4:], v5ref["top300_rows"][k][:, 4:], atol=3e-5)
         np.testing.assert_allclose(rows.sum(0, dtype=np.float64), v5ref["out_col_sum"][k], rtol=1e-5, atol=0.05)
         np.testing.assert_allclose(rows.min(0), v5ref["out_col_min"][k], atol=2e-3)
         np.testing.assert_allclose(rows.max(0), v5ref["out_col_max"][k], atol=2e-3)
         if k == 0:
             expect = v5ref["output_frame0"][0]
             np.testing.assert_allclose(rows[:, :4], expect[:, :4], atol=2e-3)
-            np.testing.assert_allclose(rows[:, 4:], expect[:, 4:], atol=1e-5)
+            np.testing.assert_allclose(rows[:, 4:], expect[:, 4:], atol=3e-5)
 
 
 def test_yolov5_pipeline_on_video_matches_reference_detections(yolov5, v5ref):
@@ -213,6 +220,9 @@ def test_yolov5_pipeline_on_video_matches_reference_detections(yolov5, v5ref):
         xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)  # Geometry clips to the frame; the reference does not
         xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
         expect = Detections(xyxy, r[:, 3], r[:, 2].astype(np.int64))
+        # a score within float32 rounding of the threshold falls on either side depending on the CPU's conv
+        # kernels (reference 0.2500002 where an AMD EPYC VM computes 0.2499998): not compared
+        det, expect = (_away_from(d, yolov5.conf_threshold) for d in (det, expect))
         assert_same_detections(det, expect, box_tol=0.2)  # reference boxes are rounded to 0.1 px
 
 

@@ -11,6 +11,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx
@@ -26,14 +27,23 @@ from deluceva.graph import ops
 FLAT: frozenset = frozenset({torch.relu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, torch.clamp, F.threshold})
 
 
-def emit(idx: torch.Tensor, vals: torch.Tensor, shape: tuple, prune: bool) -> PixelDelta | None:
-    """PixelDelta of output rows (all-zero rows dropped when `prune`); None when nothing is left."""
-    if prune and idx.numel() >= 32:  # below that the check costs more than it can save downstream
-        keep = nonzero_rows(vals)
-        if not bool(keep.all()):
-            sel = keep.nonzero().squeeze(1)
-            idx, vals = idx.index_select(0, sel), vals.index_select(0, sel)
-    return PixelDelta(idx, vals, shape) if idx.numel() else None  # type: ignore[arg-type]
+def emit(d: PixelDelta, vals: torch.Tensor | np.ndarray, shape: tuple, prune: bool) -> PixelDelta | None:
+    """PixelDelta of output rows `vals` at d's pixels (all-zero rows dropped when `prune`); None when nothing is
+    left."""
+    n = d.active
+    if prune and n >= 32:  # below that the check costs more than it can save downstream
+        if isinstance(vals, np.ndarray):
+            keep_np = np.abs(vals).max(1) > 0
+            if not keep_np.all():
+                sel_np = keep_np.nonzero()[0]
+                return PixelDelta(d.index_np[sel_np], vals[sel_np], shape) if sel_np.size else None
+        else:
+            keep = nonzero_rows(vals)
+            if not bool(keep.all()):
+                sel = keep.nonzero().squeeze(1)
+                return PixelDelta(d.index.index_select(0, sel), vals.index_select(0, sel), shape) if sel.numel() \
+                    else None
+    return d.with_values(vals, shape) if n else None  # type: ignore[arg-type]
 
 
 def emit_all(vals: torch.Tensor, shape: tuple) -> PixelDelta | None:
@@ -150,8 +160,8 @@ class ElementwiseUnit(Unit):
         if self.state.rows:
             if not isinstance(d, PixelDelta):
                 d = pixels_from_dense(d)
-            dy = self.state.step(d.index, d.values, self.f, self.config.exact, self.act)
-            return emit(d.index, dy, self.out_shape, self.prune)
+            dy = self.state.step_delta(d, self.f, self.config.exact, self.act)
+            return emit(d, dy, self.out_shape, self.prune)
         return self.state.step_dense(to_dense(d, self.out_shape), self.f, self.config.exact)
 
     def dense_call(self, d: Delta) -> Delta:

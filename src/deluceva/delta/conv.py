@@ -212,14 +212,13 @@ class ConvUnit(Unit):
             if d is None:
                 self.macs = 0
                 return None
-        self.macs = d.index.shape[0] * self.macs_per_pixel
+        self.macs = d.active * self.macs_per_pixel
         dz = self.op(d)
-        idx = dz.index
-        if idx.shape[0] == 0:
+        if dz.active == 0:
             return None
         if self.act_node is None:
             return dz
-        return emit(idx, self.state.step(idx, dz.values, self.f, self.config.exact, self.act), dz.shape, self.prune)
+        return emit(dz, self.state.step_delta(dz, self.f, self.config.exact, self.act), dz.shape, self.prune)
 
     def dense_call(self, d: Delta) -> Delta:
         """Same Δy as `__call__`, computed as a dense conv of the densified delta."""

@@ -189,7 +189,7 @@ class PixelFilter(_Stats):
         if self.config.granularity != self._held_as:  # granules counted differently: run the filter
             return False
         if self._kf:  # the kernel forwards round((100 - pct)% of its candidates), rounding halves up
-            n = kernels_bridge.pending_candidates(self._kf)
+            n = self._kf.num_candidates
             keep = min(1.0, max(0.0, (100.0 - self.config.filter_pct) / 100.0))
             total = self._total()  # the kernel set granules = m.numel() when it ran
             return min(n, int(keep * (n if total is None else total) + 0.5)) == 0 or self.held_max <= self._floor()
@@ -197,7 +197,7 @@ class PixelFilter(_Stats):
 
     def skip(self) -> None:
         if self.pending and self._kf:
-            self.candidates, self.forwarded = kernels_bridge.pending_candidates(self._kf), 0
+            self.candidates, self.forwarded = self._kf.num_candidates, 0
         else:
             super().skip()
 
@@ -245,18 +245,17 @@ class PixelFilter(_Stats):
         return out
 
     def _kernel_select(self, kf: Any, d: Delta, pct: float, floor: float) -> PixelDelta | None:
-        if d is None:
-            d = PixelDelta.empty(self.shape, self.r.dtype)
-        elif not isinstance(d, PixelDelta):
+        if d is not None and not isinstance(d, PixelDelta):
             d = pixels_from_dense(d)
-        out = kf(d, pct, floor, self._of_positions)
+        out = kf(d, pct, floor, self.config.percent_of == "positions")
         self.held_max = kf.held_max
-        remaining = kernels_bridge.pending_candidates(kf)
-        self.granules = self.m.numel()
-        self.forwarded = out.active
-        self.candidates = out.active + remaining
+        remaining = kf.num_candidates
+        self.granules = kf.pixels
+        n = out.active
+        self.forwarded = n
+        self.candidates = n + remaining
         self.pending = remaining > 0
-        return out if out.active else None
+        return out if n else None
 
     def _emit(self, fwd: torch.Tensor) -> PixelDelta | None:
         """Forward whole rows `fwd` (sorted) and clear them."""

@@ -61,16 +61,6 @@ def pixel_filter(r: torch.Tensor, m: torch.Tensor, shape: tuple) -> Any | None:
         return None
 
 
-def pending_candidates(kf: Any) -> int:
-    """How many pixels a kernel pixel filter still holds back."""
-    for attr in ("num_candidates", "_ncand"):
-        v = getattr(kf, attr, None)
-        if isinstance(v, int):
-            return v
-    cand = getattr(kf, "_cand_t", None)
-    return int(cand.numel()) if cand is not None else int(kf.candidates.numel())
-
-
 def merge_add(parts: list[PixelDelta]) -> PixelDelta | None:
     """Kernel sum of PixelDeltas of one shape, or None."""
     if not _on(parts[0].values.dtype):

@@ -2,27 +2,80 @@
 
 A pixel is one spatial position of one batch item, all channels together. Only pixels whose delta is non-zero (or
 that a unit chose to forward) are stored, channels-last, so that a conv can run as one dense GEMM over them.
+
+A delta holds its arrays as torch tensors, NumPy arrays or both (sharing memory): the numba kernels produce and
+take NumPy arrays, torch ops take tensors, and each side is made from the other at most once per delta, when first
+asked for. A torch <-> NumPy conversion costs 1-2 us on this CPU, which, several times per unit, was most of the
+fixed cost of a unit on few pixels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 
+Array = torch.Tensor | np.ndarray
 
-@dataclass
+
 class PixelDelta:
     """Sparse delta of an (N, C, H, W) tensor.
 
     index:  int64 (A,), flat pixel indices n*H*W + y*W + x, unique and sorted ascending.
     values: float32 (A, C), contiguous; row i is the delta of every channel at pixel index[i].
     shape:  the logical dense shape (N, C, H, W).
+    `index` / `values` are torch tensors, `index_np` / `values_np` the same memory as NumPy arrays; the constructor
+    takes either. The arrays are never modified in place once in a PixelDelta.
     """
 
-    index: torch.Tensor
-    values: torch.Tensor
-    shape: tuple[int, int, int, int]
+    __slots__ = ("_index", "_values", "_index_np", "_values_np", "shape")
+
+    def __init__(self, index: Array, values: Array, shape: tuple[int, int, int, int]) -> None:
+        if isinstance(index, np.ndarray):
+            self._index, self._index_np = None, index
+        else:
+            self._index, self._index_np = index, None
+        if isinstance(values, np.ndarray):
+            self._values, self._values_np = None, values
+        else:
+            self._values, self._values_np = values, None
+        self.shape = shape
+
+    @property
+    def index(self) -> torch.Tensor:
+        t = self._index
+        if t is None:
+            t = self._index = torch.from_numpy(self._index_np)
+        return t
+
+    @property
+    def values(self) -> torch.Tensor:
+        t = self._values
+        if t is None:
+            t = self._values = torch.from_numpy(self._values_np)
+        return t
+
+    @property
+    def index_np(self) -> np.ndarray:
+        a = self._index_np
+        if a is None:
+            a = self._index_np = self._index.numpy()
+        return a
+
+    @property
+    def values_np(self) -> np.ndarray:
+        a = self._values_np
+        if a is None:
+            a = self._values_np = self._values.numpy()
+        return a
+
+    def with_values(self, values: Array, shape: tuple[int, int, int, int]) -> PixelDelta:
+        """A delta at the same pixels (index shared in both forms) with other values and shape."""
+        d = PixelDelta(self._index if self._index is not None else self._index_np, values, shape)
+        d._index_np = self._index_np
+        return d
+
+    def __repr__(self) -> str:
+        return f"PixelDelta(active={self.active}, shape={self.shape})"
 
     @property
     def num_pixels(self) -> int:
@@ -32,7 +85,8 @@ class PixelDelta:
 
     @property
     def active(self) -> int:
-        return int(self.index.numel())
+        i = self._index_np
+        return int(i.shape[0]) if i is not None else int(self._index.shape[0])
 
     @property
     def active_fraction(self) -> float:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from deluceva.delta.pixels import PixelDelta
+
 try:
     import numba
 
@@ -115,6 +117,17 @@ class RowState:
             return torch.from_numpy(step_act_nb(self._z_np, idx.numpy(), d.numpy(), act[0], act[1], precise))
         z_old, z_new = self.update(idx, d, precise)
         return (f(z_new) - f(z_old)).to(self.dtype)
+
+    def step_delta(self, d: PixelDelta, f: Callable, precise: bool, act: tuple[int, float] | None = None
+                   ) -> torch.Tensor | np.ndarray:
+        """`step` at d's pixels with d's values. On the fused kernel's path the arrays stay NumPy (input and result:
+        no tensor round trip); otherwise `step` on tensors."""
+        if act is not None and self._nb and self.dtype == torch.float32:
+            v, i = d.values_np, d.index_np
+            if (v.dtype == np.float32 and i.dtype == np.int64 and v.flags.c_contiguous
+                    and v.size <= (PRECISE_FUSED_MAX if precise else FUSED_MAX)):
+                return step_act_nb(self._z_np, i, v, act[0], act[1], precise)
+        return self.step(d.index, d.values, f, precise, act)
 
     def step_all(self, d: torch.Tensor, f: Callable, precise: bool) -> torch.Tensor:
         """z += d on every row; returns f(z_new) - f(z_old) (N*H*W, C) in the working dtype."""

@@ -18,6 +18,12 @@ except ImportError:  # pragma: no cover - exercised only where numba is absent
     HAVE_NUMBA = False
 
 
+# Products of at most this many multiply-adds (rows x Cin x Cout) run in NumPy: its matmul costs ~1.4 us per call
+# where a torch.mm with its output allocation and the NumPy round trip of the kernels costs ~6 us; OpenBLAS runs
+# products under 4 * 65536 multiply-adds on one thread, so this stays within any thread budget.
+NUMPY_GEMM_MAX_MACS = 1 << 16
+
+
 def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`numba.njit(cache=True, nogil=True)` with numba, else the plain Python function (then never called)."""
     if not HAVE_NUMBA:

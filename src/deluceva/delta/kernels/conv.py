@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deluceva.delta.kernels._jit import resolve_backend
+from deluceva.delta.kernels._jit import NUMPY_GEMM_MAX_MACS, resolve_backend
 from deluceva.delta.kernels.gather import GatherConv
 from deluceva.delta.kernels.phases import PhasePlan
 from deluceva.delta.kernels.scatter import ScatterConv
@@ -70,9 +70,9 @@ class _Unit:
     last_path: str = ""  # formulation used by the last call: direct | scatter | gather | dense
 
     def __call__(self, delta: PixelDelta) -> PixelDelta:
-        if tuple(delta.shape) != self.in_shape:
+        if delta.shape != self.in_shape:
             raise ValueError(f"delta shape {delta.shape} != prepared input shape {self.in_shape}")
-        if delta.index.numel() == 0:
+        if delta.active == 0:
             return PixelDelta.empty(self.out_shape, delta.values.dtype)
         if self.dense_above is not None and delta.active_fraction > self.dense_above:
             self.last_path = "dense"
@@ -125,9 +125,12 @@ class SparseConv2d(_Unit):
         self.out_shape = (n, cout, ho, wo)
         og = cout // groups
         self.direct = kh == kw == 1
+        self._unit_stride = self.direct and self.stride == (1, 1) and self.padding == (0, 0)
         if self.direct:
             w2 = weight.view(groups, og, cg).transpose(1, 2)  # (G, cg, og)
             self.wmat = w2[0].contiguous() if groups == 1 else w2.contiguous()
+            self._wmat_np = self.wmat.numpy()
+            self._wmacs = cin * cout // groups
         else:
             plan = conv_plan((h, w), (kh, kw), self.stride, self.padding, self.dilation)
             wtap = weight.view(groups, og, cg, kh * kw).permute(0, 2, 3, 1)  # (G, cg, K*K, og)
@@ -152,9 +155,13 @@ class SparseConv2d(_Unit):
                     self.last_path = "gather"
                     return PixelDelta(outs, self.gather.compute(outs, delta.index, delta.values), self.out_shape)
             self.last_path = "scatter"
-            idx, rows = self.scatter(delta.index, delta.values)
+            idx, rows = self.scatter.run(delta)
             return PixelDelta(idx, rows, self.out_shape)
         self.last_path = "direct"
+        if self._unit_stride:  # every input pixel maps to the same output pixel: the index passes through
+            if self.groups == 1 and delta.active * self._wmacs <= NUMPY_GEMM_MAX_MACS:
+                return delta.with_values(np.dot(delta.values_np, self._wmat_np), self.out_shape)
+            return delta.with_values(self._mm(delta.values), self.out_shape)
         pix, vals = delta.index, delta.values
         (sy, sx), (py, px) = self.stride, self.padding
         _, _, h, w = self.in_shape
@@ -168,13 +175,15 @@ class SparseConv2d(_Unit):
             vals = vals.index_select(0, sel)
             y, x = y[sel].div(sy, rounding_mode="floor"), x[sel].div(sx, rounding_mode="floor")
             pix = b[sel] * (ho * wo) + y * wo + x
+        return PixelDelta(pix, self._mm(vals), self.out_shape)
+
+    def _mm(self, vals: torch.Tensor) -> torch.Tensor:
+        """1x1: the output rows (A, Cout) of input rows (A, Cin)."""
         if self.groups == 1:
-            out = torch.mm(vals, self.wmat)
-        else:
-            g, a = self.groups, vals.shape[0]
-            out = torch.bmm(vals.view(a, g, self.wmat.shape[1]).transpose(0, 1), self.wmat)  # (G, a, og)
-            out = out.transpose(0, 1).reshape(a, self.out_shape[1])
-        return PixelDelta(pix, out, self.out_shape)
+            return torch.mm(vals, self.wmat)
+        g, a = self.groups, vals.shape[0]
+        out = torch.bmm(vals.view(a, g, self.wmat.shape[1]).transpose(0, 1), self.wmat)  # (G, a, og)
+        return out.transpose(0, 1).reshape(a, self.out_shape[1])
 
 
 class SparseConvTranspose2d(_Unit):
@@ -219,5 +228,5 @@ class SparseConvTranspose2d(_Unit):
 
     def _sparse(self, delta: PixelDelta) -> PixelDelta:
         self.last_path = "scatter"
-        idx, rows = self.scatter(delta.index, delta.values)
+        idx, rows = self.scatter.run(delta)
         return PixelDelta(idx, rows, self.out_shape)

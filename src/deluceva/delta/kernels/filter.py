@@ -111,6 +111,13 @@ def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scrat
     return fidx, out, keep, held_max
 
 
+@jit
+def _filter_nb(idx, vals, r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch):
+    """`_accumulate_nb` then `_select_nb` in one call (one dispatch per filter and frame)."""
+    ncand = _accumulate_nb(idx, vals, r, m, in_cand, cand, ncand)
+    return _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch)
+
+
 class PixelFilter:
     """Stateful pixel filter for one (N, C, H, W) tensor: `__call__(Δ, pct, noise_floor)` -> forwarded Δ.
 
@@ -130,7 +137,7 @@ class PixelFilter:
         n, c, h, w = shape
         self.shape = (n, c, h, w)
         self.backend = resolve_backend(backend)
-        rows = n * h * w
+        rows = self.pixels = n * h * w
         self.residual = residual if residual is not None else torch.zeros(rows, c, dtype=torch.float32)
         if self.residual.shape != (rows, c) or not self.residual.is_contiguous():
             raise ValueError(f"residual must be contiguous ({rows}, {c})")
@@ -141,6 +148,7 @@ class PixelFilter:
             self._in_cand = np.zeros(rows, np.uint8)
             self._scratch = np.zeros(rows, np.uint8)
             self._cand = np.empty(rows, np.int64)
+            self._no_index, self._no_values = np.zeros(0, np.int64), np.zeros((0, c), np.float32)
         self.resync()
 
     def resync(self) -> None:
@@ -184,12 +192,12 @@ class PixelFilter:
 
     def accumulate(self, delta: PixelDelta) -> None:
         """r[idx] += Δ and refresh m and the candidates there (Δ indices must be unique)."""
-        if delta.index.numel() == 0:
+        if delta.active == 0:
             return
         if self.backend == "numba":
             self._ncand = _accumulate_nb(
-                delta.index.numpy(),
-                delta.values.numpy(),
+                delta.index_np,
+                delta.values_np,
                 self._r,
                 self._m,
                 self._in_cand,
@@ -212,7 +220,7 @@ class PixelFilter:
         if self.backend == "numba":
             if self._ncand == 0:
                 self.held_max = 0.0
-                return PixelDelta.empty(self.shape)
+                return PixelDelta(np.zeros(0, np.int64), np.zeros((0, self.shape[1]), np.float32), self.shape)
             fidx, out, self._ncand, held = _select_nb(
                 self._r,
                 self._m,
@@ -225,13 +233,23 @@ class PixelFilter:
                 self._scratch,
             )
             self.held_max = float(held)
-            return PixelDelta(torch.from_numpy(fidx), torch.from_numpy(out), self.shape)
+            return PixelDelta(fidx, out, self.shape)
         return self._select_torch(keep_frac, noise_floor, of_positions)
 
-    def __call__(self, delta: PixelDelta, pct: float, noise_floor: float = 0.0, of_positions: bool = False
+    def __call__(self, delta: PixelDelta | None, pct: float, noise_floor: float = 0.0, of_positions: bool = False
                  ) -> PixelDelta:
-        self.accumulate(delta)
-        return self.select(pct, noise_floor, of_positions)
+        """accumulate(delta) (None: nothing new), then select."""
+        if self.backend != "numba" or (delta is None and self._ncand == 0):
+            if delta is not None:
+                self.accumulate(delta)
+            return self.select(pct, noise_floor, of_positions)
+        keep_frac = min(1.0, max(0.0, (100.0 - pct) / 100.0))
+        idx, vals = (self._no_index, self._no_values) if delta is None else (delta.index_np, delta.values_np)
+        fidx, out, self._ncand, held = _filter_nb(idx, vals, self._r, self._m, self._in_cand, self._cand,
+                                                  self._ncand, keep_frac, of_positions, np.float32(noise_floor),
+                                                  self._scratch)  # fmt: skip
+        self.held_max = float(held)
+        return PixelDelta(fidx, out, self.shape)
 
     def _select_torch(self, keep_frac: float, noise_floor: float, of_positions: bool = False) -> PixelDelta:
         cand = self._cand_t

@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deluceva.delta.kernels._jit import jit, resolve_backend
+from deluceva.delta.kernels._jit import NUMPY_GEMM_MAX_MACS, jit, resolve_backend
 from deluceva.delta.kernels.phases import PhasePlan
+from deluceva.delta.pixels import Array, PixelDelta
 
 
 @jit
@@ -190,6 +191,77 @@ def _collect_nb(touched, nt, buf, mark):
     return idx, out
 
 
+@jit
+def _scatter_collect_nb(pix, start, contrib, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_x, rel_y,
+                        rel_x, buf, mark, touched):  # fmt: skip
+    """`_scatter_nb` then `_collect_nb` in one call: (sorted touched index, their rows)."""
+    nt = _scatter_nb(pix, start, contrib, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_x, rel_y,
+                     rel_x, buf, mark, touched, 0)
+    return _collect_nb(touched, nt, buf, mark)
+
+
+@jit
+def _scatter_dw_collect_nb(pix, vals, wdw, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_x, rel_y,
+                           rel_x, buf, mark, touched):  # fmt: skip
+    """`_scatter_dw_nb` then `_collect_nb` in one call."""
+    nt = _scatter_dw_nb(pix, vals, wdw, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_x, rel_y,
+                        rel_x, buf, mark, touched, 0)
+    return _collect_nb(touched, nt, buf, mark)
+
+
+@jit
+def _small_conv_nb(pix, vals, wtab, geo, ntaps, off0, rel, buf, mark, touched):
+    """Whole sparse conv of a few active pixels in one call (no split, no GEMM call, no contribution buffer):
+    buf[o(pixel i, tap t), :] += vals[i, k] * wtab[class, t, k, :] for every input channel k, then the collect.
+    geo: int64 (8,) = h, w, ho, wo, mul_y, mul_x, div_y, div_x; off0 (2, ncls); rel (2, ncls, Tmax).
+    Returns (sorted touched index, their rows)."""
+    h, w, ho, wo, mul_y, mul_x, div_y, div_x = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
+    hw = h * w
+    ohw = ho * wo
+    cin = vals.shape[1]
+    ch = buf.shape[1]
+    acc = np.zeros(ch, np.float32)
+    nt = 0
+    for i in range(pix.shape[0]):
+        p = pix[i]
+        n = p // hw
+        r = p - n * hw
+        y = r // w
+        x = r - y * w
+        c = ((y * mul_y) % div_y) * div_x + (x * mul_x) % div_x
+        by = (y * mul_y + off0[0, c]) // div_y
+        bx = (x * mul_x + off0[1, c]) // div_x
+        ob = n * ohw
+        for t in range(ntaps[c]):
+            oy = by + rel[0, c, t]
+            ox = bx + rel[1, c, t]
+            if oy < 0 or oy >= ho or ox < 0 or ox >= wo:
+                continue
+            o = ob + oy * wo + ox
+            if mark[o] == 0:
+                mark[o] = 1
+                touched[nt] = o
+                nt += 1
+            acc[:] = 0
+            wt = wtab[c, t]
+            for k in range(cin):
+                v = vals[i, k]
+                for j in range(ch):
+                    acc[j] += v * wt[k, j]
+            row = buf[o]
+            for j in range(ch):
+                row[j] += acc[j]
+    return _collect_nb(touched, nt, buf, mark)
+
+
+# Convs of up to SMALL_CONV_MACS_PER_COUT * Cout multiply-adds (active pixels x Cin x most taps x Cout; 4x that with
+# stride phases, whose split path makes one GEMM per phase) run in `_small_conv_nb`: one call, where split + GEMM +
+# scatter cost ~15-30 us of calls. Its loops reach ~4 GMAC/s at 16 output channels, ~12 from 64 (BLAS ~35), so the
+# cross-over grows with Cout (measured on YOLOv5n's 3x3 convs, 1 thread: 16 ch ~30 pixels, 64 ch ~8-16, 128 ch ~8,
+# stride 2: 64 ch ~128, 256 ch ~40).
+SMALL_CONV_MACS_PER_COUT = 1 << 12
+
+
 class ScatterConv:
     """Input-centric sparse conv for one PhasePlan: `__call__(index (A,), values (A, Cin)) -> (index, rows)`.
 
@@ -230,52 +302,87 @@ class ScatterConv:
             self._mark = np.zeros(rows, np.uint8)
             self._touched = np.empty(rows, np.int64)
             self._flat = torch.empty(0)
+            self._flat_np = self._flat.numpy()
             # per-call constants, prepared once: kernel arguments and the classes with taps (class, weight, floats)
             self._geo = self._geometry()
             self._split_args = (*plan.in_hw, *plan.mul, *plan.div, plan.ntaps, self.cout)
-            self._classes = [(c, wc, int(plan.ntaps[c]) * self.cout) for c, wc in enumerate(self.weights)
+            self._cin = cg * g
+            self._small = None
+            self._small_macs = cg * g * int(plan.ntaps.max()) * self.cout  # at most, per active pixel
+            self._small_limit = SMALL_CONV_MACS_PER_COUT * self.cout * (4 if plan.classes > 1 else 1)
+            if g == 1 and not self.depthwise:  # per class and tap a (Cin, Cout) matrix, for `_small_conv_nb`
+                wtab = np.zeros((plan.classes, plan.tap.shape[1], cg, self.cout), np.float32)
+                for c, wc in enumerate(self.weights):
+                    if wc is not None:
+                        t = int(plan.ntaps[c])
+                        wtab[c, :t] = wc.reshape(cg, t, self.cout).permute(1, 0, 2).numpy()
+                geo = np.array([*plan.in_hw, *plan.out_hw, *plan.mul, *plan.div], np.int64)
+                self._small = (wtab, geo, plan.ntaps, np.stack([plan.off0_y, plan.off0_x]),
+                               np.stack([plan.rel_y, plan.rel_x]))
+            self._classes = [(c, wc, int(plan.ntaps[c]) * self.cout, wc.numpy()) for c, wc in enumerate(self.weights)
                              if wc is not None]
 
     def __call__(self, pix: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.backend == "numba":
-            return self._run_numba(pix, vals)
+            idx, out = self.run_numba(PixelDelta(pix, vals, (0, 0, 0, 0)))
+            return torch.from_numpy(idx), torch.from_numpy(out)
         return self._run_torch(pix, vals)
+
+    def run(self, delta: PixelDelta) -> tuple[Array, Array]:
+        """(index, rows) of the output delta for an input PixelDelta (NumPy arrays on the numba path)."""
+        if self.backend == "numba":
+            return self.run_numba(delta)
+        return self._run_torch(delta.index, delta.values)
 
     # ------------------------------------------------------------------------------------------------ numba
     def _geometry(self) -> tuple:
         p = self.plan
         return (*p.in_hw, *p.out_hw, *p.mul, *p.div, p.ntaps, p.off0_y, p.off0_x, p.rel_y, p.rel_x)
 
-    def _run_numba(self, pix: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pix_np = pix.numpy()
+    def _flat_buffer(self, total: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The contribution buffer (at least `total` floats) as a tensor and the same memory as a NumPy array."""
+        if self._flat.numel() < total:
+            self._flat = torch.empty(max(total, int(1.25 * self._flat.numel())))
+            self._flat_np = self._flat.numpy()
+        return self._flat, self._flat_np
+
+    def run_numba(self, delta: PixelDelta) -> tuple[np.ndarray, np.ndarray]:
+        """Numba path: sorted output index (A',) and rows (A', Cout), both NumPy."""
+        pix_np = delta.index_np
+        if self._small is not None and delta.active * self._small_macs <= self._small_limit:
+            return _small_conv_nb(pix_np, delta.values_np, *self._small, self._buf, self._mark, self._touched)
         if self.depthwise:
-            nt = _scatter_dw_nb(pix_np, vals.numpy(), self._wdw, *self._geo, self._buf, self._mark,
-                                self._touched, 0)  # fmt: skip
+            return _scatter_dw_collect_nb(pix_np, delta.values_np, self._wdw, *self._geo, self._buf, self._mark,
+                                          self._touched)  # fmt: skip
+        perm, counts, start, total = _split_nb(pix_np, *self._split_args)
+        flat, flat_np = self._flat_buffer(total)
+        # small products in NumPy: no tensor round trip, ~1 us of call overhead instead of ~4 (single-threaded in
+        # OpenBLAS at these sizes); larger ones in torch's GEMM
+        small = self.groups == 1 and total * self._cin <= NUMPY_GEMM_MAX_MACS
+        if len(counts) == 1:  # one phase class (stride 1): every pixel, in order
+            if total:
+                a, wc, wc_np = delta.active, self._classes[0][1], self._classes[0][3]
+                if small:
+                    np.matmul(delta.values_np, wc_np, out=flat_np[:total].reshape(a, -1))
+                else:
+                    self._gemm(delta.values, wc, flat[:total].view(a, -1))
         else:
-            perm, counts, start, total = _split_nb(pix_np, *self._split_args)
-            flat = self._flat
-            if flat.numel() < total:
-                flat = self._flat = torch.empty(max(total, int(1.25 * flat.numel())))
-            if len(counts) == 1:  # one phase class (stride 1): every pixel, in order
-                if total:
-                    self._gemm(vals, self._classes[0][1], flat[:total].view(vals.shape[0], -1))
-            else:
-                vals = vals.index_select(0, torch.from_numpy(perm))
-                counts = counts.tolist()
-                pos, off = 0, 0
-                for c, wc, per in self._classes:
-                    n = counts[c]
-                    if n == 0:
-                        continue
-                    size = n * per
+            vals_np = delta.values_np[perm]
+            vals = None if small else torch.from_numpy(vals_np)
+            counts = counts.tolist()
+            pos, off = 0, 0
+            for c, wc, per, wc_np in self._classes:
+                n = counts[c]
+                if n == 0:
+                    continue
+                size = n * per
+                if vals is None:
+                    np.matmul(vals_np[pos : pos + n], wc_np, out=flat_np[off : off + size].reshape(n, -1))
+                else:
                     self._gemm(vals[pos : pos + n], wc, flat[off : off + size].view(n, -1))
-                    pos, off = pos + n, off + size
-            nt = _scatter_nb(pix_np, start, flat.numpy(), *self._geo, self._buf, self._mark,
-                             self._touched, 0)  # fmt: skip
-        if nt == 0:
-            return torch.zeros(0, dtype=torch.int64), self.buf.new_zeros(0, self.cout)
-        idx, out = _collect_nb(self._touched, nt, self._buf, self._mark)
-        return torch.from_numpy(idx), torch.from_numpy(out)
+                pos, off = pos + n, off + size
+        return _scatter_collect_nb(pix_np, start, flat_np, *self._geo, self._buf, self._mark,
+                                   self._touched)  # fmt: skip
 
     def _gemm(self, v: torch.Tensor, wc: torch.Tensor, out: torch.Tensor) -> None:
         """out (n, T*Cout) = contributions of values v (n, Cin); grouped: channel order (T, G, og)."""
