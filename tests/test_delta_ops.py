@@ -336,3 +336,38 @@ def test_conv_padding_modes_and_same(kernels, padding_mode):
              a=nn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode),
              b=nn.Conv2d(3, 4, (2, 4), padding="same", dilation=(2, 1)))  # fmt: skip
     assert_exact(mod, sequence((1, 3, 9, 10), 12))
+
+
+@pytest.mark.parametrize("filter_pct", [0.0, 50.0])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_activation_one_call_kernel_equals_separate_steps(monkeypatch, filter_pct, stride):
+    """Conv + SiLU on few changed pixels in one kernel call gives the same outputs, frame after frame, as the conv
+    kernel followed by the activation step (exact float64 state at 0%, float32 state when filtering)."""
+    if not kernels_bridge.enabled:
+        pytest.skip("kernels disabled")
+    from deluceva.delta.kernels.conv import SparseConv2d
+
+    torch.manual_seed(0)
+    module = Fn(lambda m, x: F.silu(m.conv2(F.silu(m.conv1(x)))), conv1=nn.Conv2d(3, 24, 3, stride, 1),
+                conv2=nn.Conv2d(24, 32, 3, 1, 1)).eval()
+    xs = [torch.randn(1, 3, 24, 20)]
+    for i in range(12):  # a few pixels change per frame
+        x = xs[-1].clone()
+        x[..., 3 + i : 5 + i, 7:9] += 0.5 * torch.randn(1, 3, 2, 2)
+        xs.append(x)
+    calls = []
+    orig = SparseConv2d.run_small_act
+
+    def recorded(self, *a):
+        calls.append(orig(self, *a))
+        return calls[-1]
+
+    monkeypatch.setattr(SparseConv2d, "run_small_act", recorded)
+    fused = convert(module, xs[0], filter_pct=filter_pct)
+    outs_fused = [fused(x).clone() for x in xs]
+    assert any(r is not None for r in calls)  # the one-call kernel applied to these deltas
+    monkeypatch.setattr(SparseConv2d, "run_small_act", lambda self, *a: None)
+    separate = convert(module, xs[0], filter_pct=filter_pct)
+    outs_separate = [separate(x).clone() for x in xs]
+    for a, b in zip(outs_fused, outs_separate, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

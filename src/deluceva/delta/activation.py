@@ -30,20 +30,26 @@ FLAT: frozenset = frozenset({torch.relu, F.relu6, F.hardtanh, F.hardswish, F.har
 def emit(d: PixelDelta, vals: torch.Tensor | np.ndarray, shape: tuple, prune: bool) -> PixelDelta | None:
     """PixelDelta of output rows `vals` at d's pixels (all-zero rows dropped when `prune`); None when nothing is
     left."""
+    if isinstance(vals, np.ndarray):
+        return emit_rows(d.index_np, vals, shape, prune)
     n = d.active
     if prune and n >= 32:  # below that the check costs more than it can save downstream
-        if isinstance(vals, np.ndarray):
-            keep_np = np.abs(vals).max(1) > 0
-            if not keep_np.all():
-                sel_np = keep_np.nonzero()[0]
-                return PixelDelta(d.index_np[sel_np], vals[sel_np], shape) if sel_np.size else None
-        else:
-            keep = nonzero_rows(vals)
-            if not bool(keep.all()):
-                sel = keep.nonzero().squeeze(1)
-                return PixelDelta(d.index.index_select(0, sel), vals.index_select(0, sel), shape) if sel.numel() \
-                    else None
+        keep = nonzero_rows(vals)
+        if not bool(keep.all()):
+            sel = keep.nonzero().squeeze(1)
+            return PixelDelta(d.index.index_select(0, sel), vals.index_select(0, sel), shape) if sel.numel() \
+                else None
     return d.with_values(vals, shape) if n else None  # type: ignore[arg-type]
+
+
+def emit_rows(idx: np.ndarray, vals: np.ndarray, shape: tuple, prune: bool) -> PixelDelta | None:
+    """`emit` for NumPy index and rows."""
+    if prune and idx.shape[0] >= 32:
+        keep = np.abs(vals).max(1) > 0
+        if not keep.all():
+            sel = keep.nonzero()[0]
+            idx, vals = idx[sel], vals[sel]
+    return PixelDelta(idx, vals, shape) if idx.shape[0] else None  # type: ignore[arg-type]
 
 
 def emit_all(vals: torch.Tensor, shape: tuple) -> PixelDelta | None:

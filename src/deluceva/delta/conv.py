@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from deluceva.delta import kernels_bridge
-from deluceva.delta.activation import FLAT, activation_code, elementwise_fn, emit, emit_all, fusable_activation
+from deluceva.delta.activation import (
+    FLAT,
+    activation_code,
+    elementwise_fn,
+    emit,
+    emit_all,
+    emit_rows,
+    fusable_activation,
+)
 from deluceva.delta.base import Delta, Env, Unit, given, pixels_from_dense, to_pixels
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, functions, modules, register
@@ -123,6 +131,7 @@ class ConvUnit(Unit):
     kind = "conv"
     filtered = True  # a filter sits in front of the data input
     has_dense = True
+    _fused_small = False  # conv + activation step in one kernel call for few pixels (set at seed)
 
     def __init__(self, node: fx.Node, var_nodes: list[fx.Node], module: nn.Module | None,
                  act: fx.Node | None, transpose: bool) -> None:
@@ -200,6 +209,9 @@ class ConvUnit(Unit):
         self.act = activation_code(self.act_node, self.node)
         self.prune = self.act_node.target in FLAT
         self.state = RowState(z, self.config.acc_dtype(z.dtype))
+        # conv + activation in one kernel call for few pixels (kernels' scatter convs, fused activation codes)
+        self._fused_small = (self.act is not None and hasattr(self.op, "run_small_act")
+                             and self.state.z_np is not None and z.dtype == torch.float32)
         y = given(env, self.act_node)
         return self.f(z) if y is None else y
 
@@ -213,6 +225,11 @@ class ConvUnit(Unit):
                 self.macs = 0
                 return None
         self.macs = d.active * self.macs_per_pixel
+        if self._fused_small:
+            st = self.state
+            r = self.op.run_small_act(d, st.z_np, self.act[0], self.act[1], self.config.exact)
+            if r is not None:
+                return emit_rows(r[0], r[1], self.out_shape, self.prune)
         dz = self.op(d)
         if dz.active == 0:
             return None

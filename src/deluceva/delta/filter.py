@@ -126,10 +126,6 @@ class PixelFilter(_Stats):
         self.scale = 0.0
         self._held_as = config.granularity  # the granularity of the last selection (what `candidates` counts)
 
-    def _settings(self) -> tuple[float, float]:
-        """(percentage held back, floor) for this frame."""
-        return self.config.filter_pct, self._floor()
-
     def _floor(self) -> float:
         cfg = self.config
         return max(cfg.noise_floor, cfg.relative_floor * self.scale)
@@ -211,16 +207,21 @@ class PixelFilter(_Stats):
         if d is None and not self.pending:
             self.candidates = self.forwarded = 0
             return None
-        pct, floor = self._settings()
+        pct = cfg.filter_pct
+        floor = max(cfg.noise_floor, cfg.relative_floor * self.scale)  # self._floor(), inlined: once per unit
         if pct <= 0.0 and floor <= 0.0 and not self.pending:
             if not isinstance(d, PixelDelta):
                 d = pixels_from_dense(d)
             self.granules = d.num_pixels
             self.candidates = self.forwarded = d.active
             return d if d.active else None
-        self._held_as = cfg.granularity
-        if cfg.granularity == "pixel" and (kf := self._kernel()) is not None:
-            return self._kernel_select(kf, d, pct, floor)
+        gran = self._held_as = cfg.granularity
+        if gran == "pixel":
+            kf = self._kf
+            if kf is None:
+                kf = self._kernel()
+            if kf:
+                return self._kernel_select(kf, d, pct, floor)
         self._kf = None  # the torch paths below change r and m behind the kernel's candidate list
         if d is not None:
             if not isinstance(d, PixelDelta):

@@ -75,7 +75,7 @@ def input_delta(x: torch.Tensor, applied: torch.Tensor, floor: float) -> PixelDe
                                     np.float32(floor), _scratch(n * h * w))
         if idx.shape[0] == 0:
             return None
-        return PixelDelta(torch.from_numpy(idx), torch.from_numpy(vals), (n, c, h, w))
+        return PixelDelta(idx, vals, (n, c, h, w))
     d = x - applied
     mask = d.abs().amax(1) > floor  # (N, H, W)
     idx = mask.reshape(-1).nonzero().squeeze(1)

@@ -61,39 +61,48 @@ def pixel_filter(r: torch.Tensor, m: torch.Tensor, shape: tuple) -> Any | None:
         return None
 
 
+def _merge() -> Any:
+    """The merge kernels module (imported once), or None without numba."""
+    global _MERGE
+    if _MERGE is None:
+        try:
+            from deluceva.delta.kernels import merge
+
+            _MERGE = merge if merge.HAVE_NUMBA else False
+        except ImportError:
+            _MERGE = False
+    return _MERGE or None
+
+
+_MERGE: Any = None
+
+
 def merge_add(parts: list[PixelDelta]) -> PixelDelta | None:
     """Kernel sum of PixelDeltas of one shape, or None."""
-    if not _on(parts[0].values.dtype):
+    if not (enabled and parts[0].is_float32) or (m := _merge()) is None:
         return None
     try:
-        from deluceva.delta.kernels.merge import add
-
-        return add(*parts)
+        return m.add(*parts)
     except _ERRORS:
         return None
 
 
 def concat(parts: list[PixelDelta]) -> PixelDelta | None:
     """Kernel channel concat of PixelDeltas (all parts given, empty ones included), or None."""
-    if not _on(parts[0].values.dtype):
+    if not (enabled and parts[0].is_float32) or (m := _merge()) is None:
         return None
     try:
-        from deluceva.delta.kernels.merge import concat as kconcat
-
-        return kconcat(*parts)
+        return m.concat(*parts)
     except _ERRORS:
         return None
 
 
 def concat_at(parts: list[PixelDelta], offsets: list[int], shape: tuple) -> PixelDelta | None:
     """Kernel channel concat of the changing parts at their channel offsets of the output `shape`, or None."""
-    if not _on(parts[0].values.dtype):
+    if not (enabled and parts[0].is_float32) or (m := _merge()) is None:
         return None
     try:
-        from deluceva.delta.kernels.merge import HAVE_NUMBA
-        from deluceva.delta.kernels.merge import concat_at as kconcat_at
-
-        return kconcat_at(parts, offsets, tuple(shape)) if HAVE_NUMBA else None
+        return m.concat_at(parts, offsets, tuple(shape))
     except _ERRORS:
         return None
 
@@ -112,7 +121,7 @@ def max_pool2d(in_shape: tuple, kernel: Any, stride: Any, padding: Any, dilation
 
 def upsample_nearest(d: PixelDelta, scale: int) -> PixelDelta | None:
     """Kernel nearest upsampling by an integer `scale` on both axes, or None."""
-    if not _on(d.values.dtype):
+    if not (enabled and d.is_float32):
         return None
     try:
         from deluceva.delta.kernels.resample import upsample_nearest2x

@@ -200,7 +200,7 @@ def _wants_dense(unit: Unit, ins: list[Delta]) -> bool:
     frac = 0.0
     for d in ins:
         if isinstance(d, PixelDelta):
-            frac = max(frac, d.index.shape[0] / d.num_pixels)
+            frac = max(frac, d.active / d.num_pixels)
         elif d is not None:
             return True
     return frac > unit.break_even

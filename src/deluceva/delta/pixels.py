@@ -78,6 +78,12 @@ class PixelDelta:
         return f"PixelDelta(active={self.active}, shape={self.shape})"
 
     @property
+    def is_float32(self) -> bool:
+        """Whether the values are float32 (asked of whichever form exists: no conversion)."""
+        v = self._values_np
+        return v.dtype == np.float32 if v is not None else self._values.dtype == torch.float32
+
+    @property
     def num_pixels(self) -> int:
         """N * H * W: how many pixels the dense tensor has."""
         n, _, h, w = self.shape

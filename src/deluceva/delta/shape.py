@@ -195,9 +195,10 @@ class ChannelCatUnit(Unit):
                 return fast
         if len(present) == 1:
             d, off, c = present[0]
-            vals = d.values.new_zeros(d.active, ctot)
-            vals[:, off : off + c] = d.values
-            return PixelDelta(d.index, vals, self.out_shape)  # type: ignore[arg-type]
+            src = d.values_np
+            vals = np.zeros((d.active, ctot), src.dtype)
+            vals[:, off : off + c] = src
+            return d.with_values(vals, self.out_shape)  # type: ignore[arg-type]
         fast = kernels_bridge.concat_at([d for d, _, _ in present], [off for _, off, _ in present], self.out_shape)
         if fast is not None:
             return fast
@@ -302,11 +303,11 @@ class SpatialSliceUnit(Unit):
             return None
         (y0, _, sy), (x0, _, sx) = self.ys, self.xs  # stops: enforced by oy < ho, ox < wo
         _, _, ho, wo = self.out_shape
-        if HAVE_NUMBA and d.values.is_contiguous():
-            oi, ov = _slice_nb(d.index.numpy(), d.values.numpy(), self.h, self.w, y0, sy, x0, sx, ho, wo)
+        if HAVE_NUMBA and d.values_np.flags.c_contiguous:
+            oi, ov = _slice_nb(d.index_np, d.values_np, self.h, self.w, y0, sy, x0, sx, ho, wo)
             if oi.shape[0] == 0:
                 return None
-            return PixelDelta(torch.from_numpy(oi), torch.from_numpy(ov), self.out_shape)  # type: ignore[arg-type]
+            return PixelDelta(oi, ov, self.out_shape)  # type: ignore[arg-type]
         hw = self.h * self.w
         b, r = d.index.div(hw, rounding_mode="floor"), d.index.remainder(hw)
         y, x = r.div(self.w, rounding_mode="floor") - y0, r.remainder(self.w) - x0

@@ -79,6 +79,11 @@ class RowState:
         self._nb = HAVE_NUMBA and self.rows and acc in _NB_DTYPES and x.dtype in _NB_DTYPES
         self._z_np = self.z.numpy() if self._nb else None  # z is updated in place, never replaced, for rows
 
+    @property
+    def z_np(self) -> np.ndarray | None:
+        """The rows z as a NumPy array (same memory) when the fused kernels can update them in place, else None."""
+        return self._z_np
+
     def update(self, idx: torch.Tensor, d: torch.Tensor, precise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """z[idx] += d (rows); returns (z_old, z_new) at idx in the working dtype (the accumulation dtype if
         `precise`)."""

@@ -177,6 +177,15 @@ class SparseConv2d(_Unit):
             pix = b[sel] * (ho * wo) + y * wo + x
         return PixelDelta(pix, self._mm(vals), self.out_shape)
 
+    def run_small_act(self, delta: PixelDelta, z: np.ndarray, code: int, alpha: float, precise: bool
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(index, Δy) of conv + activation step on state rows z in one kernel call for a delta of few pixels on
+        the scatter path (`ScatterConv.run_small_act`); None (nothing done) otherwise."""
+        if self.direct or self.gather is not None or delta.shape != self.in_shape or (
+                self.dense_above is not None and delta.active_fraction > self.dense_above):
+            return None
+        return self.scatter.run_small_act(delta, z, code, alpha, precise)
+
     def _mm(self, vals: torch.Tensor) -> torch.Tensor:
         """1x1: the output rows (A, Cout) of input rows (A, Cin)."""
         if self.groups == 1:

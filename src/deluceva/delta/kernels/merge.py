@@ -103,18 +103,17 @@ def concat_at(deltas: list[PixelDelta], offsets: list[int], shape: tuple[int, in
     """Δ of a channel concat with the changing parts `deltas` at channel `offsets` of the output `shape` (other
     channels zero): union of the active pixels in one k-way merge pass (numba; torch.unique otherwise)."""
     ctot = shape[1]
-    dtype = deltas[0].values.dtype
-    if HAVE_NUMBA and all(d.values.dtype == dtype for d in deltas):
-        chans = [d.values.shape[1] for d in deltas]
-        counts = [d.index.shape[0] for d in deltas]
+    if HAVE_NUMBA and all(d.is_float32 for d in deltas):
+        chans = [d.shape[1] for d in deltas]
+        counts = [d.active for d in deltas]
         starts = np.zeros(len(deltas) + 1, np.int64)
         starts[1:] = np.cumsum(counts)
         vstarts = np.zeros(len(deltas), np.int64)
         vstarts[1:] = np.cumsum([a * c for a, c in zip(counts, chans, strict=True)])[:-1]
-        idx, vals = _concat_at_nb(torch.cat([d.index for d in deltas]).numpy(),
-                                  starts, torch.cat([d.values.reshape(-1) for d in deltas]).numpy(), vstarts,
+        idx, vals = _concat_at_nb(np.concatenate([d.index_np for d in deltas]), starts,
+                                  np.concatenate([d.values_np.reshape(-1) for d in deltas]), vstarts,
                                   np.array(chans, np.int64), np.array(offsets, np.int64), ctot)  # fmt: skip
-        return PixelDelta(torch.from_numpy(idx), torch.from_numpy(vals), shape)
+        return PixelDelta(idx, vals, shape)
     idx, inv = torch.unique(torch.cat([d.index for d in deltas]), sorted=True, return_inverse=True)
     vals = deltas[0].values.new_zeros(idx.numel(), ctot)
     start = 0
@@ -146,15 +145,15 @@ def add(*deltas: PixelDelta) -> PixelDelta:
     shape = deltas[0].shape
     if any(tuple(d.shape) != tuple(shape) for d in deltas):
         raise ValueError(f"add: shapes differ: {[d.shape for d in deltas]}")
-    live = [d for d in deltas if d.index.numel()]
+    live = [d for d in deltas if d.active]
     if not live:
         return PixelDelta.empty(shape, deltas[0].values.dtype)
     if len(live) == 1:
         return live[0]
     if len(live) == 2 and HAVE_NUMBA:
         a, b = live
-        idx, vals = _merge2_nb(a.index.numpy(), a.values.numpy(), b.index.numpy(), b.values.numpy(), False)
-        return PixelDelta(torch.from_numpy(idx), torch.from_numpy(vals), shape)
+        idx, vals = _merge2_nb(a.index_np, a.values_np, b.index_np, b.values_np, False)
+        return PixelDelta(idx, vals, shape)
     index, positions = _union([d.index for d in live])
     if index.numel() == live[0].index.numel() and all(d.index.numel() == index.numel() for d in live):
         values = live[0].values.clone()  # identical pixel sets
@@ -176,8 +175,8 @@ def concat(*deltas: PixelDelta) -> PixelDelta:
     shape = (n, sum(channels), h, w)
     if len(deltas) == 2 and HAVE_NUMBA:
         a, b = deltas
-        idx, vals = _merge2_nb(a.index.numpy(), a.values.numpy(), b.index.numpy(), b.values.numpy(), True)
-        return PixelDelta(torch.from_numpy(idx), torch.from_numpy(vals), shape)
+        idx, vals = _merge2_nb(a.index_np, a.values_np, b.index_np, b.values_np, True)
+        return PixelDelta(idx, vals, shape)
     index, positions = _union([d.index for d in deltas])
     if all(d.index.numel() == index.numel() for d in deltas):  # identical pixel sets (or all empty)
         return PixelDelta(index, torch.cat([d.values for d in deltas], 1), shape)

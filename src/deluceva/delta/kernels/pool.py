@@ -98,17 +98,17 @@ class SparseMaxPool2d:
         self.y.copy_(y.permute(0, 2, 3, 1).reshape(-1, c))
 
     def __call__(self, delta: PixelDelta) -> PixelDelta:
-        if delta.index.numel() == 0:
+        if delta.active == 0:
             return PixelDelta.empty(self.out_shape, delta.values.dtype)
         self.x.index_add_(0, delta.index, delta.values)
         geometry = (*self.in_shape[2:], *self.out_shape[2:], *self.kernel, *self.stride, *self.padding,
                     *self.dilation)  # fmt: skip
         if self.backend == "numba":
             p = self._reach
-            outs = reach_nb(delta.index.numpy(), *p.in_hw, *p.out_hw, *p.mul, *p.div, p.ntaps, p.off0_y,
+            outs = reach_nb(delta.index_np, *p.in_hw, *p.out_hw, *p.mul, *p.div, p.ntaps, p.off0_y,
                             p.off0_x, p.rel_y, p.rel_x, self._mark, self._touched)  # fmt: skip
             idx, rows = _repool_nb(outs, self.x.numpy(), self.y.numpy(), *geometry)
-            return PixelDelta(torch.from_numpy(idx), torch.from_numpy(rows), self.out_shape)
+            return PixelDelta(idx, rows, self.out_shape)
         return self._torch(reachable(self._reach, delta.index))
 
     def _torch(self, aff: torch.Tensor) -> PixelDelta:

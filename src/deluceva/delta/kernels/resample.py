@@ -45,12 +45,12 @@ def upsample_nearest2x(delta: PixelDelta, scale: int = 2, backend: str = "auto")
     n, c, h, w = delta.shape
     ho, wo = h * scale, w * scale
     out_shape = (n, c, ho, wo)
-    idx = delta.index
-    if idx.numel() == 0:
+    if delta.active == 0:
         return PixelDelta.empty(out_shape, delta.values.dtype)
     if HAVE_NUMBA and backend != "torch":
-        out_idx, out_vals = _upsample_nb(idx.numpy(), delta.values.numpy(), h, w, scale)
-        return PixelDelta(torch.from_numpy(out_idx), torch.from_numpy(out_vals), out_shape)
+        out_idx, out_vals = _upsample_nb(delta.index_np, delta.values_np, h, w, scale)
+        return PixelDelta(out_idx, out_vals, out_shape)
+    idx = delta.index
     b, r = idx.div(h * w, rounding_mode="floor"), idx.remainder(h * w)
     y, x = r.div(w, rounding_mode="floor"), r.remainder(w)
     off = torch.arange(scale)

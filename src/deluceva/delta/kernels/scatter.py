@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from deluceva.delta.kernels._jit import NUMPY_GEMM_MAX_MACS, jit, resolve_backend
+from deluceva.delta.kernels.actstep import step_act_nb
 from deluceva.delta.kernels.phases import PhasePlan
 from deluceva.delta.pixels import Array, PixelDelta
 
@@ -254,6 +255,14 @@ def _small_conv_nb(pix, vals, wtab, geo, ntaps, off0, rel, buf, mark, touched):
     return _collect_nb(touched, nt, buf, mark)
 
 
+@jit
+def _small_conv_act_nb(pix, vals, wtab, geo, ntaps, off0, rel, buf, mark, touched, z, code, alpha, precise):
+    """`_small_conv_nb`, then the fused activation step on its output rows (`actstep.step_act_nb`: z[idx] += Δz,
+    Δy = f(z_new) - f(z_old)): a conv + activation unit on few pixels in one call. Returns (index, Δy)."""
+    idx, dz = _small_conv_nb(pix, vals, wtab, geo, ntaps, off0, rel, buf, mark, touched)
+    return idx, step_act_nb(z, idx, dz, code, alpha, precise)
+
+
 # Convs of up to SMALL_CONV_MACS_PER_COUT * Cout multiply-adds (active pixels x Cin x most taps x Cout; 4x that with
 # stride phases, whose split path makes one GEMM per phase) run in `_small_conv_nb`: one call, where split + GEMM +
 # scatter cost ~15-30 us of calls. Its loops reach ~4 GMAC/s at 16 output channels, ~12 from 64 (BLAS ~35), so the
@@ -345,6 +354,15 @@ class ScatterConv:
             self._flat = torch.empty(max(total, int(1.25 * self._flat.numel())))
             self._flat_np = self._flat.numpy()
         return self._flat, self._flat_np
+
+    def run_small_act(self, delta: PixelDelta, z: np.ndarray, code: int, alpha: float, precise: bool
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Conv then activation step on state rows z (see `_small_conv_act_nb`) when the delta is small enough for
+        the one-call kernel, else None (nothing done)."""
+        if self._small is None or delta.active * self._small_macs > self._small_limit:
+            return None
+        return _small_conv_act_nb(delta.index_np, delta.values_np, *self._small, self._buf, self._mark,
+                                  self._touched, z, code, alpha, precise)  # fmt: skip
 
     def run_numba(self, delta: PixelDelta) -> tuple[np.ndarray, np.ndarray]:
         """Numba path: sorted output index (A',) and rows (A', Cout), both NumPy."""
