@@ -399,7 +399,7 @@ class Engine:
         if mode == "refresh":
             mirror.seeded(img)
         elif mode == "delta" and (dx is None or isinstance(dx, PixelDelta)):
-            mirror.applied(img, None if dx is None else dx.index)
+            mirror.applied(img, None if dx is None else dx.index_np)
         else:  # the dense engine ran (the network re-seeds next), or an input delta of another form
             mirror.invalidate()
 

@@ -127,7 +127,7 @@ class InputMirror:
     levels, under the input floor by at least half a grey level (0 when the floor is 0: only an identical image), so
     the float comparison of `input_delta` would forward nothing either. Keep it in step: `seeded(img)` after a
     dense frame (the network applied the whole input), `applied(img, index)` after a delta frame (index: the
-    forwarded canvas pixels, `PixelDelta.index` of the input delta), `invalidate()` when the network's input state
+    forwarded canvas pixels, `PixelDelta.index_np` of the input delta), `invalidate()` when the network's input state
     is unknown.
     """
 
@@ -152,13 +152,13 @@ class InputMirror:
     def seeded(self, img: np.ndarray) -> None:
         self.image = np.array(img, dtype=np.uint8, copy=True) if img.dtype == np.uint8 else None
 
-    def applied(self, img: np.ndarray, index: torch.Tensor | None) -> None:
+    def applied(self, img: np.ndarray, index: np.ndarray | None) -> None:
         a = self.image
         if a is None or a.shape != img.shape:
             self.image = None
             return
-        if index is not None and index.numel():
-            _mirror_update_nb(a, np.ascontiguousarray(img), index.numpy(), self.top, self.left, self.canvas_hw[1],
+        if index is not None and index.shape[0]:
+            _mirror_update_nb(a, np.ascontiguousarray(img), index, self.top, self.left, self.canvas_hw[1],
                               self.canvas_hw[0] * self.canvas_hw[1])
 
     def invalidate(self) -> None:

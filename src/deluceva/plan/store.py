@@ -52,7 +52,8 @@ def cpu_model() -> str:
 
 # Bump when a change to the delta units or kernels makes earlier profiles' timings wrong: profiles stamped with
 # another revision are stale (re-profiled or reported). 2: contiguous state rows and the fused activation step.
-KERNELS_REVISION = 2
+# 3: NumPy-backed deltas and one-call kernels for few pixels (lower fixed cost per unit).
+KERNELS_REVISION = 3
 
 
 def library_versions() -> dict[str, str]:

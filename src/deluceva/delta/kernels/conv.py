@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deluceva.delta.kernels._jit import NUMPY_GEMM_MAX_MACS, resolve_backend
+from deluceva.delta.kernels._jit import NUMPY_GEMM_MAX_MACS, jit, resolve_backend
+from deluceva.delta.kernels.actstep import step_act_nb
 from deluceva.delta.kernels.gather import GatherConv
 from deluceva.delta.kernels.phases import PhasePlan
 from deluceva.delta.kernels.scatter import ScatterConv
@@ -59,6 +60,28 @@ def _nonzero_rows(y: torch.Tensor) -> PixelDelta:
     rows = y.permute(0, 2, 3, 1).reshape(n * h * w, c)
     index = rows.abs().amax(1).ne(0).nonzero().squeeze(1)
     return PixelDelta(index, rows.index_select(0, index), (n, c, h, w))
+
+
+# A 1x1 conv (stride 1, no padding) + activation on active pixels x Cin up to this runs in one kernel call
+# (`_pointwise_act_nb`): its product loops reach ~12 GMAC/s (BLAS ~35) but save a GEMM call and a kernel call
+SMALL_POINTWISE_MAX_ROWS = 4096
+
+
+@jit
+def _pointwise_act_nb(idx, vals, wmat, z, code, alpha, precise):
+    """Δz = vals (A, Cin) @ wmat (Cin, Cout), then the fused activation step on the state rows z at idx
+    (`actstep.step_act_nb`). Returns Δy (A, Cout)."""
+    a, cin = vals.shape
+    cout = wmat.shape[1]
+    dz = np.zeros((a, cout), np.float32)
+    for i in range(a):
+        row = dz[i]
+        for k in range(cin):
+            v = vals[i, k]
+            wr = wmat[k]
+            for j in range(cout):
+                row[j] += v * wr[j]
+    return step_act_nb(z, idx, dz, code, alpha, precise)
 
 
 class _Unit:
@@ -126,6 +149,8 @@ class SparseConv2d(_Unit):
         og = cout // groups
         self.direct = kh == kw == 1
         self._unit_stride = self.direct and self.stride == (1, 1) and self.padding == (0, 0)
+        self._numba = resolve_backend(backend) == "numba"
+        self.gather: GatherConv | None = None
         if self.direct:
             w2 = weight.view(groups, og, cg).transpose(1, 2)  # (G, cg, og)
             self.wmat = w2[0].contiguous() if groups == 1 else w2.contiguous()
@@ -135,8 +160,7 @@ class SparseConv2d(_Unit):
             plan = conv_plan((h, w), (kh, kw), self.stride, self.padding, self.dilation)
             wtap = weight.view(groups, og, cg, kh * kw).permute(0, 2, 3, 1)  # (G, cg, K*K, og)
             self.scatter = ScatterConv(plan, wtap, n * ho * wo, backend)
-            self.gather: GatherConv | None = None
-            if resolve_backend(backend) == "numba" and groups == 1 and cin <= 4:
+            if self._numba and groups == 1 and cin <= 4:
                 self.gather = GatherConv(plan, weight, self.in_shape, self.stride, self.padding, self.dilation)
                 # floats the scatter moves per active input pixel: mean reachable taps * Cout
                 self._scatter_floats = float(plan.ntaps.mean()) * cout
@@ -181,10 +205,15 @@ class SparseConv2d(_Unit):
                       ) -> tuple[np.ndarray, np.ndarray] | None:
         """(index, Δy) of conv + activation step on state rows z in one kernel call for a delta of few pixels on
         the scatter path (`ScatterConv.run_small_act`); None (nothing done) otherwise."""
-        if self.direct or self.gather is not None or delta.shape != self.in_shape or (
+        if not self._numba or self.gather is not None or delta.shape != self.in_shape or (
                 self.dense_above is not None and delta.active_fraction > self.dense_above):
             return None
-        return self.scatter.run_small_act(delta, z, code, alpha, precise)
+        if not self.direct:
+            return self.scatter.run_small_act(delta, z, code, alpha, precise)
+        if not self._unit_stride or self.groups != 1 or delta.active * self.in_shape[1] > SMALL_POINTWISE_MAX_ROWS:
+            return None
+        idx = delta.index_np
+        return idx, _pointwise_act_nb(idx, delta.values_np, self._wmat_np, z, code, alpha, precise)
 
     def _mm(self, vals: torch.Tensor) -> torch.Tensor:
         """1x1: the output rows (A, Cout) of input rows (A, Cin)."""
