@@ -341,16 +341,16 @@ def test_conv_padding_modes_and_same(kernels, padding_mode):
 @pytest.mark.parametrize("filter_pct", [0.0, 50.0])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv_activation_one_call_kernel_equals_separate_steps(monkeypatch, filter_pct, stride):
-    """Conv (3x3, 1x1) + SiLU on few changed pixels in one kernel call gives the same outputs, frame after frame, as
+    """Conv (3x3, 1x1, depthwise) + SiLU on few changed pixels in one kernel call gives the same outputs, frame after frame, as
     the conv kernel followed by the activation step (exact float64 state at 0%, float32 state when filtering)."""
     if not kernels_bridge.enabled:
         pytest.skip("kernels disabled")
     from deluceva.delta.kernels.conv import SparseConv2d
 
     torch.manual_seed(0)
-    module = Fn(lambda m, x: F.silu(m.conv3(F.silu(m.conv2(F.silu(m.conv1(x)))))),
-                conv1=nn.Conv2d(3, 24, 3, stride, 1), conv2=nn.Conv2d(24, 32, 3, 1, 1), conv3=nn.Conv2d(32, 16, 1)
-                ).eval()  # fmt: skip
+    module = Fn(lambda m, x: F.silu(m.conv4(F.silu(m.conv3(F.silu(m.conv2(F.silu(m.conv1(x)))))))),
+                conv1=nn.Conv2d(3, 24, 3, stride, 1), conv2=nn.Conv2d(24, 32, 3, 1, 1), conv3=nn.Conv2d(32, 16, 1),
+                conv4=nn.Conv2d(16, 16, 3, 1, 1, groups=16)).eval()  # fmt: skip
     xs = [torch.randn(1, 3, 24, 20)]
     for i in range(12):  # a few pixels change per frame
         x = xs[-1].clone()
@@ -361,14 +361,15 @@ def test_conv_activation_one_call_kernel_equals_separate_steps(monkeypatch, filt
 
     def recorded(self, *a):
         r = orig(self, *a)
-        calls.append((self.direct, r))
+        kind = "1x1" if self.direct else "dw" if self.scatter.depthwise else "kxk"
+        calls.append((kind, r))
         return r
 
     monkeypatch.setattr(SparseConv2d, "run_small_act", recorded)
     fused = convert(module, xs[0], filter_pct=filter_pct)
     outs_fused = [fused(x).clone() for x in xs]
-    # the one-call kernels (3x3 scatter and 1x1) applied to these deltas
-    assert {direct for direct, r in calls if r is not None} == {False, True}
+    # the one-call kernels (3x3, 1x1, depthwise) applied to these deltas
+    assert {kind for kind, r in calls if r is not None} == {"kxk", "1x1", "dw"}
     monkeypatch.setattr(SparseConv2d, "run_small_act", lambda self, *a: None)
     separate = convert(module, xs[0], filter_pct=filter_pct)
     outs_separate = [separate(x).clone() for x in xs]

@@ -395,7 +395,7 @@ def test_upsample_nearest_equals_dense(backend, shape, scale, frac, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 @HYP
 @given(
-    k=st.sampled_from([2, 3, 5]),
+    k=st.sampled_from([2, 3, 5, 9, 13]),
     stride=st.sampled_from([1, 2]),
     frac=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
     seed=st.integers(0, 2**16),

@@ -200,6 +200,8 @@ class PixelFilter(_Stats):
     def _kernel(self) -> Any:
         if self._kf is None:
             self._kf = kernels_bridge.pixel_filter(self.r, self.m, self.shape) or False
+            if self._kf:
+                self._kf.reuse_output = True  # the unit behind consumes the forwarded delta within the frame
         return self._kf or None
 
     def __call__(self, d: Delta) -> PixelDelta | None:

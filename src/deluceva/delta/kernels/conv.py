@@ -68,9 +68,9 @@ SMALL_POINTWISE_MAX_ROWS = 4096
 
 
 @jit
-def _pointwise_act_nb(idx, vals, wmat, z, code, alpha, precise):
+def _pointwise_act_nb(idx, vals, wmat, z, code, alpha, precise, out):
     """Δz = vals (A, Cin) @ wmat (Cin, Cout), then the fused activation step on the state rows z at idx
-    (`actstep.step_act_nb`). Returns Δy (A, Cout)."""
+    (`actstep.step_act_nb`); Δy (A, Cout) is written into out[:A] (no array to box)."""
     a, cin = vals.shape
     cout = wmat.shape[1]
     dz = np.zeros((a, cout), np.float32)
@@ -81,7 +81,7 @@ def _pointwise_act_nb(idx, vals, wmat, z, code, alpha, precise):
             wr = wmat[k]
             for j in range(cout):
                 row[j] += v * wr[j]
-    return step_act_nb(z, idx, dz, code, alpha, precise)
+    out[:a] = step_act_nb(z, idx, dz, code, alpha, precise)
 
 
 class _Unit:
@@ -155,6 +155,7 @@ class SparseConv2d(_Unit):
             w2 = weight.view(groups, og, cg).transpose(1, 2)  # (G, cg, og)
             self.wmat = w2[0].contiguous() if groups == 1 else w2.contiguous()
             self._wmat_np = self.wmat.numpy()
+            self._act_rows = np.empty((0, cout), np.float32)  # run_small_act's output (overwritten per call)
             self._wmacs = cin * cout // groups
         else:
             plan = conv_plan((h, w), (kh, kw), self.stride, self.padding, self.dilation)
@@ -203,8 +204,9 @@ class SparseConv2d(_Unit):
 
     def run_small_act(self, delta: PixelDelta, z: np.ndarray, code: int, alpha: float, precise: bool
                       ) -> tuple[np.ndarray, np.ndarray] | None:
-        """(index, Δy) of conv + activation step on state rows z in one kernel call for a delta of few pixels on
-        the scatter path (`ScatterConv.run_small_act`); None (nothing done) otherwise."""
+        """(index, Δy) of conv + activation step on state rows z in one kernel call for a delta of few pixels
+        (3x3 and other kernels: `ScatterConv.run_small_act`; 1x1: `_pointwise_act_nb`); None (nothing done)
+        otherwise. Δy is a view of a buffer the next call overwrites (consumed within the frame)."""
         if not self._numba or self.gather is not None or delta.shape != self.in_shape or (
                 self.dense_above is not None and delta.active_fraction > self.dense_above):
             return None
@@ -213,7 +215,11 @@ class SparseConv2d(_Unit):
         if not self._unit_stride or self.groups != 1 or delta.active * self.in_shape[1] > SMALL_POINTWISE_MAX_ROWS:
             return None
         idx = delta.index_np
-        return idx, _pointwise_act_nb(idx, delta.values_np, self._wmat_np, z, code, alpha, precise)
+        a = idx.shape[0]
+        if self._act_rows.shape[0] < a:
+            self._act_rows = np.empty((max(a, 2 * self._act_rows.shape[0]), self.out_shape[1]), np.float32)
+        _pointwise_act_nb(idx, delta.values_np, self._wmat_np, z, code, alpha, precise, self._act_rows)
+        return idx, self._act_rows[:a]
 
     def _mm(self, vals: torch.Tensor) -> torch.Tensor:
         """1x1: the output rows (A, Cout) of input rows (A, Cin)."""

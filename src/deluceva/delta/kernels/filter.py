@@ -45,6 +45,17 @@ def _accumulate_nb(idx, vals, r, m, in_cand, cand, ncand):
 def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch):
     """Choose, forward and clear pixels (see module doc). Returns (sorted index, rows, new candidate count, largest
     magnitude held back)."""
+    fidx = np.empty(ncand, np.int64)
+    out = np.empty((ncand, r.shape[1]), r.dtype)
+    nf, keep, held_max = _select_into_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, fidx,
+                                         out)
+    return fidx[:nf], out[:nf], keep, held_max
+
+
+@jit
+def _select_into_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, fidx, out):
+    """`_select_nb` writing the forwarded pixels into fidx[:nf] and their rows into out[:nf] (both at least ncand
+    long): returns (nf, new candidate count, largest magnitude held back), no array to box (~1 us each)."""
     # drop candidates whose magnitude went back to exactly 0, gathering the others' magnitudes in the same pass
     mc = np.empty(ncand, np.float32)
     n = 0
@@ -70,8 +81,7 @@ def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scrat
         for j in range(n):
             if mc[j] > thr:
                 take_eq -= 1
-    fidx = np.empty(k, np.int64)  # at most k picked
-    nf = 0
+    nf = 0  # at most k picked
     keep = 0
     held_max = np.float32(0.0)
     for j in range(n):
@@ -90,7 +100,7 @@ def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scrat
             keep += 1
             if v > held_max:
                 held_max = v
-    fidx = fidx[:nf]
+    fidx = fidx[:nf]  # a view: sorted in place
     if nf * 64 > m.shape[0]:  # many: an ordered scan of a flag array beats a sort
         for j in range(nf):
             scratch[fidx[j]] = 1
@@ -102,20 +112,20 @@ def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scrat
                 f += 1
     else:
         fidx.sort()
-    out = np.empty((nf, r.shape[1]), r.dtype)
     for j in range(nf):
         p = fidx[j]
         out[j, :] = r[p, :]
         r[p, :] = 0
         m[p] = 0
-    return fidx, out, keep, held_max
+    return nf, keep, held_max
 
 
 @jit
-def _filter_nb(idx, vals, r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch):
-    """`_accumulate_nb` then `_select_nb` in one call (one dispatch per filter and frame)."""
+def _filter_into_nb(idx, vals, r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, fidx, out):
+    """`_accumulate_nb` then `_select_into_nb` in one call (one dispatch per filter and frame, scalars returned):
+    fidx, out must hold ncand + len(idx) rows. Returns (forwarded count, new candidate count, largest held)."""
     ncand = _accumulate_nb(idx, vals, r, m, in_cand, cand, ncand)
-    return _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch)
+    return _select_into_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, fidx, out)
 
 
 class PixelFilter:
@@ -143,12 +153,17 @@ class PixelFilter:
             raise ValueError(f"residual must be contiguous ({rows}, {c})")
         self.magnitude = magnitude if magnitude is not None else self.residual.abs().amax(1)
         self.held_max = float("inf")  # unknown until the first select
+        # __call__'s output may live in buffers the next call overwrites (the network's filters: a forwarded delta
+        # is used within the frame); False: every output is a new array
+        self.reuse_output = False
         if self.backend == "numba":
             self._r, self._m = self.residual.numpy(), self.magnitude.numpy()
             self._in_cand = np.zeros(rows, np.uint8)
             self._scratch = np.zeros(rows, np.uint8)
             self._cand = np.empty(rows, np.int64)
             self._no_index, self._no_values = np.zeros(0, np.int64), np.zeros((0, c), np.float32)
+            self._fidx, self._fout = np.empty(0, np.int64), np.empty((0, c), np.float32)
+            self._floor_key, self._floor32 = 0.0, np.float32(0.0)
         self.resync()
 
     def resync(self) -> None:
@@ -244,12 +259,26 @@ class PixelFilter:
                 self.accumulate(delta)
             return self.select(pct, noise_floor, of_positions)
         keep_frac = min(1.0, max(0.0, (100.0 - pct) / 100.0))
-        idx, vals = (self._no_index, self._no_values) if delta is None else (delta.index_np, delta.values_np)
-        fidx, out, self._ncand, held = _filter_nb(idx, vals, self._r, self._m, self._in_cand, self._cand,
-                                                  self._ncand, keep_frac, of_positions, np.float32(noise_floor),
-                                                  self._scratch)  # fmt: skip
+        if delta is None:
+            idx, vals, need = self._no_index, self._no_values, self._ncand
+        else:
+            idx, vals = delta.index_np, delta.values_np
+            need = self._ncand + idx.shape[0]
+        if self._fidx.shape[0] < need:  # forwarded pixels: at most the candidates after accumulating
+            size = min(self.pixels, max(need, 2 * self._fidx.shape[0]))
+            self._fidx, self._fout = np.empty(size, np.int64), np.empty((size, self.shape[1]), np.float32)
+        if noise_floor != self._floor_key:
+            self._floor_key, self._floor32 = noise_floor, np.float32(noise_floor)
+        nf, self._ncand, held = _filter_into_nb(idx, vals, self._r, self._m, self._in_cand, self._cand, self._ncand,
+                                                keep_frac, of_positions, self._floor32, self._scratch, self._fidx,
+                                                self._fout)  # fmt: skip
         self.held_max = float(held)
-        return PixelDelta(fidx, out, self.shape)
+        # views of buffers the next call overwrites: valid until this filter runs again (the network consumes a
+        # filter's output within the frame); copied for callers that keep outputs (reuse_output False)
+        fidx, fout = self._fidx[:nf], self._fout[:nf]
+        if not self.reuse_output:
+            fidx, fout = fidx.copy(), fout.copy()
+        return PixelDelta(fidx, fout, self.shape)
 
     def _select_torch(self, keep_frac: float, noise_floor: float, of_positions: bool = False) -> PixelDelta:
         cand = self._cand_t

@@ -256,11 +256,30 @@ def _small_conv_nb(pix, vals, wtab, geo, ntaps, off0, rel, buf, mark, touched):
 
 
 @jit
-def _small_conv_act_nb(pix, vals, wtab, geo, ntaps, off0, rel, buf, mark, touched, z, code, alpha, precise):
+def _small_conv_act_nb(pix, vals, wtab, geo, ntaps, off0, rel, buf, mark, touched, z, code, alpha, precise,
+                       out_idx, out_rows):  # fmt: skip
     """`_small_conv_nb`, then the fused activation step on its output rows (`actstep.step_act_nb`: z[idx] += Δz,
-    Δy = f(z_new) - f(z_old)): a conv + activation unit on few pixels in one call. Returns (index, Δy)."""
+    Δy = f(z_new) - f(z_old)): a conv + activation unit on few pixels in one call. Writes the output index and Δy
+    into out_idx, out_rows (at least len(pix) * Tmax rows) and returns their count (no array to box)."""
     idx, dz = _small_conv_nb(pix, vals, wtab, geo, ntaps, off0, rel, buf, mark, touched)
-    return idx, step_act_nb(z, idx, dz, code, alpha, precise)
+    dy = step_act_nb(z, idx, dz, code, alpha, precise)
+    n = idx.shape[0]
+    out_idx[:n] = idx
+    out_rows[:n] = dy
+    return n
+
+
+@jit
+def _dw_act_nb(pix, vals, wdw, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_x, rel_y, rel_x, buf,
+               mark, touched, z, code, alpha, precise, out_idx, out_rows):  # fmt: skip
+    """Depthwise conv (`_scatter_dw_nb` + collect) then the fused activation step, in one call; writes the output
+    index and Δy into out_idx, out_rows (at least len(pix) * Tmax rows) and returns their count."""
+    nt = _scatter_dw_nb(pix, vals, wdw, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_x, rel_y,
+                        rel_x, buf, mark, touched, 0)
+    idx, dz = _collect_nb(touched, nt, buf, mark)
+    out_idx[:nt] = idx
+    out_rows[:nt] = step_act_nb(z, idx, dz, code, alpha, precise)
+    return nt
 
 
 # Convs of up to SMALL_CONV_MACS_PER_COUT * Cout multiply-adds (active pixels x Cin x most taps x Cout; 4x that with
@@ -269,6 +288,11 @@ def _small_conv_act_nb(pix, vals, wtab, geo, ntaps, off0, rel, buf, mark, touche
 # cross-over grows with Cout (measured on YOLOv5n's 3x3 convs, 1 thread: 16 ch ~30 pixels, 64 ch ~8-16, 128 ch ~8,
 # stride 2: 64 ch ~128, 256 ch ~40).
 SMALL_CONV_MACS_PER_COUT = 1 << 12
+
+
+# A depthwise conv + activation on up to this many active pixels runs in one call (`_dw_act_nb`; its arithmetic is
+# K*K*C per pixel, so the call overheads it saves matter up to a few thousand pixels)
+DW_ACT_MAX_PIXELS = 4096
 
 
 class ScatterConv:
@@ -316,6 +340,8 @@ class ScatterConv:
             self._geo = self._geometry()
             self._split_args = (*plan.in_hw, *plan.mul, *plan.div, plan.ntaps, self.cout)
             self._cin = cg * g
+            self._small_tmax = int(plan.ntaps.max())  # output pixels per active input pixel, at most
+            self._act_idx, self._act_rows = np.empty(0, np.int64), np.empty((0, self.cout), np.float32)
             self._small = None
             self._small_macs = cg * g * int(plan.ntaps.max()) * self.cout  # at most, per active pixel
             self._small_limit = SMALL_CONV_MACS_PER_COUT * self.cout * (4 if plan.classes > 1 else 1)
@@ -358,11 +384,25 @@ class ScatterConv:
     def run_small_act(self, delta: PixelDelta, z: np.ndarray, code: int, alpha: float, precise: bool
                       ) -> tuple[np.ndarray, np.ndarray] | None:
         """Conv then activation step on state rows z (see `_small_conv_act_nb`) when the delta is small enough for
-        the one-call kernel, else None (nothing done)."""
-        if self._small is None or delta.active * self._small_macs > self._small_limit:
+        the one-call kernel, else None (nothing done). The result is a view of buffers the next call overwrites
+        (the network consumes a unit's output within the frame)."""
+        a = delta.active
+        if self.depthwise:
+            if a > DW_ACT_MAX_PIXELS:
+                return None
+        elif self._small is None or a * self._small_macs > self._small_limit:
             return None
-        return _small_conv_act_nb(delta.index_np, delta.values_np, *self._small, self._buf, self._mark,
-                                  self._touched, z, code, alpha, precise)  # fmt: skip
+        need = a * self._small_tmax
+        if self._act_idx.shape[0] < need:
+            size = min(self.rows, max(need, 2 * self._act_idx.shape[0]))
+            self._act_idx, self._act_rows = np.empty(size, np.int64), np.empty((size, self.cout), np.float32)
+        if self.depthwise:
+            n = _dw_act_nb(delta.index_np, delta.values_np, self._wdw, *self._geo, self._buf, self._mark,
+                           self._touched, z, code, alpha, precise, self._act_idx, self._act_rows)  # fmt: skip
+        else:
+            n = _small_conv_act_nb(delta.index_np, delta.values_np, *self._small, self._buf, self._mark,
+                                   self._touched, z, code, alpha, precise, self._act_idx, self._act_rows)  # fmt: skip
+        return self._act_idx[:n], self._act_rows[:n]
 
     def run_numba(self, delta: PixelDelta) -> tuple[np.ndarray, np.ndarray]:
         """Numba path: sorted output index (A',) and rows (A', Cout), both NumPy."""
