@@ -341,8 +341,9 @@ def test_conv_padding_modes_and_same(kernels, padding_mode):
 @pytest.mark.parametrize("filter_pct", [0.0, 50.0])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv_activation_one_call_kernel_equals_separate_steps(monkeypatch, filter_pct, stride):
-    """Conv (3x3, 1x1, depthwise) + SiLU on few changed pixels in one kernel call gives the same outputs, frame after frame, as
-    the conv kernel followed by the activation step (exact float64 state at 0%, float32 state when filtering)."""
+    """Conv (3x3, 1x1, depthwise) + SiLU on few changed pixels in one kernel call gives the same outputs, frame
+    after frame, as the conv kernel followed by the activation step (exact float64 state at 0%, float32 state when
+    filtering)."""
     if not kernels_bridge.enabled:
         pytest.skip("kernels disabled")
     from deluceva.delta.kernels.conv import SparseConv2d
