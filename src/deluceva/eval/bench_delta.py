@@ -10,7 +10,8 @@ Per video it also measures the delta engine's fixed costs on the clip's first fr
 frame (the same frame again: nothing to propagate) against a dense frame, decoded RGB to detections, and the
 cost of a frame in which one input pixel changed by half the input range, divided by the units that ran (the change
 spreads with depth, so this includes real work), the cost of a unit visited and skipped (all inputs unchanged), and
-the framework overhead per unit (`unit_pixel_times`: each unit, filters included, on a one-pixel delta).
+the framework overhead per unit (`unit_pixel_times`: each unit, filters included, on 1- and 3-pixel deltas; the fixed
+cost is the intercept).
 """
 
 from __future__ import annotations
@@ -89,44 +90,58 @@ def _ran(net) -> int:
     return sum(1 for s in net.delta_steps if any(d is not None for d in s.last_in))
 
 
+def _unit_call_us(step, shapes: list[tuple], pixels: int, g: torch.Generator, repeats: int, batches: int
+                  ) -> float | None:
+    """Time (us) of one call of a step's filters + unit on deltas of `pixels` active pixels spread along the middle
+    row of every varying input (random rows of 0.1 std, alternately + and -, so the state returns); best of
+    `batches` batches of `repeats` calls. None when the unit does not take such deltas."""
+    pairs = []
+    for n, c, h, w in shapes:
+        idx = torch.tensor([(h // 2) * w + (k + 1) * w // (pixels + 1) for k in range(pixels)])
+        v = 0.1 * torch.randn(pixels, c, generator=g)
+        pairs.append((PixelDelta(idx, v, (n, c, h, w)), PixelDelta(idx, -v, (n, c, h, w))))
+    filters = step.filters or [None] * len(pairs)
+    unit = step.unit
+
+    def call(sign: int) -> None:
+        ins = [p[sign] if f is None else f(p[sign]) for f, p in zip(filters, pairs, strict=True)]
+        if any(d is not None for d in ins):
+            unit(*ins)
+
+    try:
+        for i in range(20):
+            call(i % 2)
+    except (TypeError, ValueError, RuntimeError):  # a unit whose inputs are not all pixel deltas
+        return None
+    best = float("inf")
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for i in range(repeats):
+            call(i % 2)
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return best * 1e6
+
+
 def unit_pixel_times(net, repeats: int = 200, batches: int = 7) -> list[dict]:
-    """Framework overhead per unit: every unit whose inputs are 4-D gets a delta of one active pixel (the centre, a
-    random row of 0.1 std, alternately + and -, so its state returns) on each varying input, through its filters,
-    as the network would run it. The time per call (its filters included; best of `batches` batches of `repeats`
-    calls: the floor under this machine's noise) is almost all fixed cost: one pixel's arithmetic is at most a
-    (1 x Cin) @ (Cin x K*K*Cout) product. The network must be seeded; its state is disturbed (measure on a
-    throw-away network). Rows: {name, kind, us}."""
+    """Framework overhead per unit. Every unit whose inputs are 4-D runs, through its filters as in the network, on
+    a delta of 1 and of 3 active pixels (apart on the middle row) on each varying input. us: the time of the
+    1-pixel call (best of `batches` batches of `repeats` calls: the floor under this machine's noise); fixed_us:
+    the intercept of time against pixels, us - (us_3 - us) / 2 clipped to [0, us], i.e. the call's cost without its
+    arithmetic (one pixel of a 3x3 conv with 256 channels is ~0.6 M multiply-adds; max-pool windows of the 3 pixels
+    can overlap, so its intercept is rough). The network must be seeded; its state is
+    disturbed (measure on a throw-away network). Rows: {name, kind, us, us_3, fixed_us}."""
     g = torch.Generator().manual_seed(0)
     rows = []
     for step in net.delta_steps:
         shapes = [BuildContext.shape(n) for n in step.unit.var_nodes]
         if not shapes or any(s is None or len(s) != 4 for s in shapes):
             continue
-        pairs = []
-        for n, c, h, w in shapes:
-            idx = torch.tensor([(h // 2) * w + w // 2])
-            v = 0.1 * torch.randn(1, c, generator=g)
-            pairs.append((PixelDelta(idx, v, (n, c, h, w)), PixelDelta(idx, -v, (n, c, h, w))))
-        filters = step.filters or [None] * len(pairs)
-        unit = step.unit
-
-        def call(sign: int, unit=unit, filters=filters, pairs=pairs) -> None:
-            ins = [p[sign] if f is None else f(p[sign]) for f, p in zip(filters, pairs, strict=True)]
-            if any(d is not None for d in ins):
-                unit(*ins)
-
-        try:
-            for i in range(20):
-                call(i % 2)
-        except (TypeError, ValueError, RuntimeError):  # a unit whose inputs are not all pixel deltas
+        one = _unit_call_us(step, shapes, 1, g, repeats, batches)
+        three = _unit_call_us(step, shapes, 3, g, repeats, batches) if one is not None else None
+        if one is None or three is None:
             continue
-        best = float("inf")
-        for _ in range(batches):
-            t0 = time.perf_counter()
-            for i in range(repeats):
-                call(i % 2)
-            best = min(best, (time.perf_counter() - t0) / repeats)
-        rows.append({"name": unit.name, "kind": unit.kind, "us": best * 1e6})
+        rows.append({"name": step.unit.name, "kind": step.unit.kind, "us": one, "us_3": three,
+                     "fixed_us": min(one, max(0.0, one - (three - one) / 2))})
     return rows
 
 
@@ -175,13 +190,14 @@ def measure_overhead(det: Detector, imgsz: str | None, rgb: np.ndarray, threads:
             loop_ms.append(_ms(lambda: net(x)))
             net.idle_shortcut = True
             skip_ms.append(_ms(lambda: net(x)))
-    # per unit on one pixel, filtering (float32 state, filters selecting), as in a filtered run
-    filtered = Engine(det, EngineConfig(mode="delta", imgsz=imgsz, threads=threads, plan="delta", filter_pct=50.0))
+    # per unit on 1 and 3 pixels as in a filtered run (float32 state, filters selecting; 0.001% holds nothing back)
+    filtered = Engine(det, EngineConfig(mode="delta", imgsz=imgsz, threads=threads, plan="delta", filter_pct=1e-3))
     filtered.ensure_prepared(rgb.shape[:2])
     filtered.infer(rgb)
     with torch.inference_mode():
         per_unit = unit_pixel_times(filtered.delta_network)
     unit_us = [r["us"] for r in per_unit]
+    fixed_us = [r["fixed_us"] for r in per_unit]
     one, n_ran = statistics.median(one_ms), statistics.median(ran)
     (e_ms, e_cpu), (d_ms, d_cpu) = ([statistics.median(t[i] for t in v) for i in (0, 1)] for v in (empty_ms, dense_ms))
     return {"repeats": repeats, "empty_ms": e_ms, "dense_ms": d_ms, "empty_ratio": e_ms / d_ms,
@@ -194,6 +210,8 @@ def measure_overhead(det: Detector, imgsz: str | None, rgb: np.ndarray, threads:
             / max(1, len(steps)),
             "unit_pixel_us_mean": statistics.mean(unit_us) if unit_us else None,
             "unit_pixel_us_median": statistics.median(unit_us) if unit_us else None,
+            "unit_fixed_us_mean": statistics.mean(fixed_us) if fixed_us else None,
+            "unit_fixed_us_median": statistics.median(fixed_us) if fixed_us else None,
             "unit_pixel_units": len(unit_us), "unit_pixel": per_unit}
 
 
@@ -205,9 +223,10 @@ def overhead_line(o: dict) -> str:
             f"{o['dense_cpu_ms']:.2f} ms = {o['empty_ratio_cpu']:.1%}; pre-processing {o['preprocess_ms']:.2f} ms); "
             f"one-pixel frame {o['one_pixel_ms']:.1f} ms / {o['units_ran']:g} of {o['units_total']} units = "
             f"{o['unit_overhead_us']:.0f} us/unit (units on <= {o['small_pixels']} pixels: median {small} us); "
-            f"skipped unit {o['skipped_unit_us']:.1f} us; framework overhead per unit (one-pixel delta, filters "
-            f"included, {o['unit_pixel_units']} units): mean {o['unit_pixel_us_mean']:.1f} us, median "
-            f"{o['unit_pixel_us_median']:.1f} us")
+            f"skipped unit {o['skipped_unit_us']:.1f} us; per unit, filters included, {o['unit_pixel_units']} units: "
+            f"one-pixel delta mean {o['unit_pixel_us_mean']:.1f} us (median {o['unit_pixel_us_median']:.1f}), "
+            f"framework overhead (fixed cost: intercept over 1 and 3 pixels) mean {o['unit_fixed_us_mean']:.1f} us "
+            f"(median {o['unit_fixed_us_median']:.1f})")
 
 
 def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frames: int, fps: float | None,
