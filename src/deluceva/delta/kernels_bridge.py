@@ -7,6 +7,7 @@ float32, unsupported geometry); callers then use their exact torch fallbacks.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -61,25 +62,23 @@ def pixel_filter(r: torch.Tensor, m: torch.Tensor, shape: tuple) -> Any | None:
         return None
 
 
-def _merge() -> Any:
-    """The merge kernels module (imported once), or None without numba."""
-    global _MERGE
-    if _MERGE is None:
+_MODULES: dict[str, Any] = {}
+
+
+def _module(name: str) -> Any:
+    """The kernels module `deluceva.delta.kernels.<name>` (imported once: per-call imports cost ~1 us), or None when
+    it cannot be imported."""
+    if name not in _MODULES:
         try:
-            from deluceva.delta.kernels import merge
-
-            _MERGE = merge if merge.HAVE_NUMBA else False
+            _MODULES[name] = importlib.import_module(f"deluceva.delta.kernels.{name}")
         except ImportError:
-            _MERGE = False
-    return _MERGE or None
-
-
-_MERGE: Any = None
+            _MODULES[name] = None
+    return _MODULES[name]
 
 
 def merge_add(parts: list[PixelDelta]) -> PixelDelta | None:
     """Kernel sum of PixelDeltas of one shape, or None."""
-    if not (enabled and parts[0].is_float32) or (m := _merge()) is None:
+    if not (enabled and parts[0].is_float32) or (m := _module("merge")) is None:
         return None
     try:
         return m.add(*parts)
@@ -89,7 +88,7 @@ def merge_add(parts: list[PixelDelta]) -> PixelDelta | None:
 
 def concat(parts: list[PixelDelta]) -> PixelDelta | None:
     """Kernel channel concat of PixelDeltas (all parts given, empty ones included), or None."""
-    if not (enabled and parts[0].is_float32) or (m := _merge()) is None:
+    if not (enabled and parts[0].is_float32) or (m := _module("merge")) is None:
         return None
     try:
         return m.concat(*parts)
@@ -99,7 +98,7 @@ def concat(parts: list[PixelDelta]) -> PixelDelta | None:
 
 def concat_at(parts: list[PixelDelta], offsets: list[int], shape: tuple) -> PixelDelta | None:
     """Kernel channel concat of the changing parts at their channel offsets of the output `shape`, or None."""
-    if not (enabled and parts[0].is_float32) or (m := _merge()) is None:
+    if not (enabled and parts[0].is_float32) or (m := _module("merge")) is None or not m.HAVE_NUMBA:
         return None
     try:
         return m.concat_at(parts, offsets, tuple(shape))
@@ -121,11 +120,9 @@ def max_pool2d(in_shape: tuple, kernel: Any, stride: Any, padding: Any, dilation
 
 def upsample_nearest(d: PixelDelta, scale: int) -> PixelDelta | None:
     """Kernel nearest upsampling by an integer `scale` on both axes, or None."""
-    if not (enabled and d.is_float32):
+    if not (enabled and d.is_float32) or (m := _module("resample")) is None:
         return None
     try:
-        from deluceva.delta.kernels.resample import upsample_nearest2x
-
-        return upsample_nearest2x(d, scale)
+        return m.upsample_nearest2x(d, scale)
     except _ERRORS:
         return None

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 try:
     import numba
 
@@ -22,6 +24,14 @@ except ImportError:  # pragma: no cover - exercised only where numba is absent
 # where a torch.mm with its output allocation and the NumPy round trip of the kernels costs ~6 us; OpenBLAS runs
 # products under 4 * 65536 multiply-adds on one thread, so this stays within any thread budget.
 NUMPY_GEMM_MAX_MACS = 1 << 16
+
+
+def grown(buf: np.ndarray, rows: int, cap: int) -> np.ndarray:
+    """`buf` if it has at least `rows` rows, else a new empty array of its dtype and row shape with
+    min(cap, max(rows, 2 * len(buf))) rows (reused kernel output buffers grow geometrically, up to the tensor)."""
+    if buf.shape[0] >= rows:
+        return buf
+    return np.empty((min(cap, max(rows, 2 * buf.shape[0])), *buf.shape[1:]), buf.dtype)
 
 
 def jit(fn: Callable[..., Any]) -> Callable[..., Any]:

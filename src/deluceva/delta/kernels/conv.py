@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deluceva.delta.kernels._jit import NUMPY_GEMM_MAX_MACS, jit, resolve_backend
+from deluceva.delta.kernels._jit import NUMPY_GEMM_MAX_MACS, grown, jit, resolve_backend
 from deluceva.delta.kernels.actstep import step_act_nb
 from deluceva.delta.kernels.gather import GatherConv
 from deluceva.delta.kernels.phases import PhasePlan
@@ -217,7 +217,7 @@ class SparseConv2d(_Unit):
         idx = delta.index_np
         a = idx.shape[0]
         if self._act_rows.shape[0] < a:
-            self._act_rows = np.empty((max(a, 2 * self._act_rows.shape[0]), self.out_shape[1]), np.float32)
+            self._act_rows = grown(self._act_rows, a, self.in_shape[0] * self.in_shape[2] * self.in_shape[3])
         _pointwise_act_nb(idx, delta.values_np, self._wmat_np, z, code, alpha, precise, self._act_rows)
         return idx, self._act_rows[:a]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deluceva.delta.kernels._jit import jit, resolve_backend
+from deluceva.delta.kernels._jit import grown, jit, resolve_backend
 from deluceva.delta.pixels import PixelDelta
 
 
@@ -265,8 +265,7 @@ class PixelFilter:
             idx, vals = delta.index_np, delta.values_np
             need = self._ncand + idx.shape[0]
         if self._fidx.shape[0] < need:  # forwarded pixels: at most the candidates after accumulating
-            size = min(self.pixels, max(need, 2 * self._fidx.shape[0]))
-            self._fidx, self._fout = np.empty(size, np.int64), np.empty((size, self.shape[1]), np.float32)
+            self._fidx, self._fout = grown(self._fidx, need, self.pixels), grown(self._fout, need, self.pixels)
         if noise_floor != self._floor_key:
             self._floor_key, self._floor32 = noise_floor, np.float32(noise_floor)
         nf, self._ncand, held = _filter_into_nb(idx, vals, self._r, self._m, self._in_cand, self._cand, self._ncand,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from deluceva.delta.kernels._jit import jit, resolve_backend
 from deluceva.delta.kernels.conv import IntPair, _pair, conv_out_hw, conv_plan
-from deluceva.delta.kernels.scatter import reach_nb, reachable
+from deluceva.delta.kernels.scatter import reach_nb, reachable, sorted_marked_nb
 from deluceva.delta.pixels import PixelDelta
 
 
@@ -77,15 +77,7 @@ def _maxpool_delta_nb(pix, vals, x, y, y0, mark, touched, h, w, ho, wo, kh, kw, 
                                 if u > best:
                                     best = u
                         yr[c] = best
-    if nt * 64 > mark.shape[0]:
-        idx = np.empty(nt, np.int64)
-        j = 0
-        for o in range(mark.shape[0]):
-            if mark[o] != 0:
-                idx[j] = o
-                j += 1
-    else:
-        idx = np.sort(touched[:nt])
+    idx = sorted_marked_nb(touched, nt, mark)
     out = np.empty((nt, ch), y.dtype)
     m = 0
     for j in range(nt):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deluceva.delta.kernels._jit import NUMPY_GEMM_MAX_MACS, jit, resolve_backend
+from deluceva.delta.kernels._jit import NUMPY_GEMM_MAX_MACS, grown, jit, resolve_backend
 from deluceva.delta.kernels.actstep import step_act_nb
 from deluceva.delta.kernels.phases import PhasePlan
 from deluceva.delta.pixels import Array, PixelDelta
@@ -130,6 +130,22 @@ def _scatter_dw_nb(pix, vals, wdw, h, w, ho, wo, mul_y, mul_x, div_y, div_x, nta
 
 
 @jit
+def sorted_marked_nb(touched, nt, mark):
+    """The nt rows marked in `mark` (listed unordered in touched[:nt]) in ascending order: a scan of `mark` when
+    that beats a sort. Leaves the marks set."""
+    total = mark.shape[0]
+    if nt * 64 > total:
+        idx = np.empty(nt, np.int64)
+        j = 0
+        for o in range(total):
+            if mark[o] != 0:
+                idx[j] = o
+                j += 1
+        return idx
+    return np.sort(touched[:nt])
+
+
+@jit
 def reach_nb(pix, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_x, rel_y, rel_x, mark, touched):
     """Sorted unique output pixels reachable from pix (uses and clears `mark`)."""
     hw = h * w
@@ -154,16 +170,7 @@ def reach_nb(pix, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_
                 mark[o] = 1
                 touched[nt] = o
                 nt += 1
-    total = mark.shape[0]
-    out = np.empty(nt, np.int64)
-    if nt * 64 > total:
-        j = 0
-        for o in range(total):
-            if mark[o] != 0:
-                out[j] = o
-                j += 1
-    else:
-        out[:] = np.sort(touched[:nt])
+    out = sorted_marked_nb(touched, nt, mark)
     for j in range(nt):
         mark[out[j]] = 0
     return out
@@ -171,18 +178,8 @@ def reach_nb(pix, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_
 
 @jit
 def _collect_nb(touched, nt, buf, mark):
-    """Sorted touched indices and their rows; re-zeroes those rows and marks. Scans `mark` when that beats a
-    sort."""
-    total = mark.shape[0]
-    if nt * 64 > total:
-        idx = np.empty(nt, np.int64)
-        j = 0
-        for o in range(total):
-            if mark[o] != 0:
-                idx[j] = o
-                j += 1
-    else:
-        idx = np.sort(touched[:nt])
+    """Sorted touched indices and their rows; re-zeroes those rows and marks."""
+    idx = sorted_marked_nb(touched, nt, mark)
     out = np.empty((nt, buf.shape[1]), buf.dtype)
     for j in range(nt):
         o = idx[j]
@@ -274,9 +271,9 @@ def _dw_act_nb(pix, vals, wdw, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, 
                mark, touched, z, code, alpha, precise, out_idx, out_rows):  # fmt: skip
     """Depthwise conv (`_scatter_dw_nb` + collect) then the fused activation step, in one call; writes the output
     index and Δy into out_idx, out_rows (at least len(pix) * Tmax rows) and returns their count."""
-    nt = _scatter_dw_nb(pix, vals, wdw, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_x, rel_y,
-                        rel_x, buf, mark, touched, 0)
-    idx, dz = _collect_nb(touched, nt, buf, mark)
+    idx, dz = _scatter_dw_collect_nb(pix, vals, wdw, h, w, ho, wo, mul_y, mul_x, div_y, div_x, ntaps, off0_y, off0_x,
+                                     rel_y, rel_x, buf, mark, touched)  # fmt: skip
+    nt = idx.shape[0]
     out_idx[:nt] = idx
     out_rows[:nt] = step_act_nb(z, idx, dz, code, alpha, precise)
     return nt
@@ -343,7 +340,7 @@ class ScatterConv:
             self._small_tmax = int(plan.ntaps.max())  # output pixels per active input pixel, at most
             self._act_idx, self._act_rows = np.empty(0, np.int64), np.empty((0, self.cout), np.float32)
             self._small = None
-            self._small_macs = cg * g * int(plan.ntaps.max()) * self.cout  # at most, per active pixel
+            self._small_macs = self._cin * self._small_tmax * self.cout  # at most, per active pixel
             self._small_limit = SMALL_CONV_MACS_PER_COUT * self.cout * (4 if plan.classes > 1 else 1)
             if g == 1 and not self.depthwise:  # per class and tap a (Cin, Cout) matrix, for `_small_conv_nb`
                 wtab = np.zeros((plan.classes, plan.tap.shape[1], cg, self.cout), np.float32)
@@ -394,8 +391,8 @@ class ScatterConv:
             return None
         need = a * self._small_tmax
         if self._act_idx.shape[0] < need:
-            size = min(self.rows, max(need, 2 * self._act_idx.shape[0]))
-            self._act_idx, self._act_rows = np.empty(size, np.int64), np.empty((size, self.cout), np.float32)
+            self._act_idx = grown(self._act_idx, need, self.rows)
+            self._act_rows = grown(self._act_rows, need, self.rows)
         if self.depthwise:
             n = _dw_act_nb(delta.index_np, delta.values_np, self._wdw, *self._geo, self._buf, self._mark,
                            self._touched, z, code, alpha, precise, self._act_idx, self._act_rows)  # fmt: skip
