@@ -50,7 +50,9 @@ class EngineConfig:
     error_target: delta mode, error control (deluceva.control): every `probe_every`-th delta frame also runs dense
     (its dense detections are the frame's result and re-seed the state), and a PI controller moves the filtering
     percentage, starting from filter_pct, so that 1 - AP@0.5 of the delta detections against the dense ones over
-    the last probes stays under error_target. None: the percentage stays filter_pct."""
+    the last probes stays under error_target. None: the percentage stays filter_pct.
+    warmup: delta mode, run a short synthetic clip through the converted network once at preparation, so that the
+    first real frames do not pay the kernels' first-call loading (deluceva.delta.warmup)."""
 
     mode: Mode = "dense"
     imgsz: str | int | tuple[int, int] | None = None
@@ -65,6 +67,7 @@ class EngineConfig:
     dense_seed: bool = True
     error_target: float | None = None
     probe_every: int = 10
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("dense", "delta"):
@@ -131,6 +134,10 @@ class Engine:
                                                        ProfileKey(self.detector.name, hw, self.config.threads))
             if self.config.filter_of != "changes" and not isinstance(self._plans, str):
                 self.plan_note += " (the profile was measured with --filter-of changes: its predictions assume it)"
+            if self.config.warmup:
+                from deluceva.delta.warmup import warm_up
+
+                warm_up(self._delta, (1, 3, *hw))
         if self.config.mode == "delta":
             self._prepare_dense_engine(hw)
             self._prepare_seeder(hw)
