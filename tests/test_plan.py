@@ -402,3 +402,75 @@ def test_dense_engine_band_probes_the_delta_network_and_keeps_it_when_it_wins():
         probes = [i for i, d in enumerate(lost) if d == "reseed"]
         assert len(probes) == 2 and probes[1] - probes[0] >= 32
         assert lost.count("delta") == measured * len(probes)
+
+
+def _set_curve(unit: dict, works: list[float], delta_ms: list[float], dense_ms: float) -> None:
+    """Give a profile unit a delta-form work curve (one point per percentage > 0, the swing point repeating the
+    last) and a constant dense time; the exact pass (pct 0) gets a point that must be ignored."""
+    pts = unit["points"]
+    filtered = [p for p in pts if p["pct"] > 0]
+    assert len(filtered) == len(works) - 1
+    for p, w, t in zip(filtered, works, delta_ms, strict=False):
+        p.update(work=w, delta_ms=t, dense_ms=dense_ms, swing_work=works[-1], swing_delta_ms=delta_ms[-1])
+    exact = next(p for p in pts if p["pct"] == 0)
+    exact.update(work=0.01, delta_ms=100.0, dense_ms=0.1)
+
+
+def test_break_even_measured_from_the_profile_switches_units_per_frame(setup):
+    """Per unit, the work fraction where its profiled delta time crosses its dense time; the plan runs units
+    'auto' at it, so a frame busier than the profile's typical one runs them dense."""
+    det, frames, net, prof = setup
+    p = Profile.from_json(json.loads(json.dumps(prof.to_json())))
+    conv, other = p.units[0], p.units[1]
+    _set_curve(conv, [0.1, 0.3, 0.5], [1.0, 3.0, 5.0], 2.0)  # crosses dense (2 ms) half way: work 0.2
+    _set_curve(other, [0.1, 0.2, 0.2], [0.5, 1.0, 1.0], 2.0)  # never crosses: through the origin, 2 / 5 per work
+    cost = CostModel(p)
+    assert cost.break_even(conv["name"]) == pytest.approx(0.2)
+    assert cost.break_even(other["name"]) == pytest.approx(0.4)
+    no_dense = next(u["name"] for u in p.units if not u["has_dense"])
+    assert cost.break_even(no_dense) is None
+    plans = make_planset(_without_dense_engine(p), [50.0, 95.0])
+    band = plans.for_pct(95.0)
+    assert band.break_even[conv["name"]] == pytest.approx(0.2) and no_dense not in band.break_even
+    assert band.run_modes[conv["name"]] == "auto" and band.run_modes[no_dense] == band.modes[no_dense]
+    loaded = PlanSet.from_json(json.loads(json.dumps(plans.to_json())))
+    assert loaded.for_pct(95.0).break_even == band.break_even
+    # at run time: a unit whose measured break-even is 0 runs dense on every frame it has work, 1: delta; exact
+    net.reset()
+    with torch.inference_mode():
+        for be in (0.0, 1.0):
+            apply_plan(net, band, 0.0)
+            net.set_break_evens(dict.fromkeys(band.break_even, be))
+            for x in frames[:3]:
+                out = net(x)
+                for a, b in zip(out, det.network(x), strict=True):
+                    assert torch.allclose(a, b, atol=1e-4 * max(1.0, float(b.abs().max())), rtol=0)
+            ran = {r["name"]: r["mode"] for r in net.last_stats if r["active_in"] > 0}
+            assert ran and all(ran[n] == ("dense" if be == 0.0 else "delta") for n in band.break_even if n in ran)
+    with pytest.raises(ValueError, match="unknown unit"):
+        net.set_break_evens({"no_such_unit": 0.5})
+    net.set_break_evens(dict.fromkeys(band.break_even))
+    apply_plan(net, "auto", 0.0)
+
+
+def test_time_model_fits_each_unit_its_own_costs():
+    """Two convs of one kind with different per-MAC costs: each unit's own fit prices it (shared kind slopes could
+    not); a unit with too few samples falls back to its fixed cost and the kind's slopes."""
+    gen = torch.Generator().manual_seed(0)
+    truth = {0: (0.05, 2e-6), 1: (0.10, 8e-6)}  # (fixed ms, ms per MAC)
+    samples = []
+    for u, (base, per_mac) in truth.items():
+        for _ in range(60):
+            macs = float(torch.randint(0, 200_000, (1,), generator=gen))
+            counts = (macs / 50, macs / 40, macs, macs / 30)
+            samples.append((u, "conv", counts, base + per_mac * macs))
+    samples.append((2, "conv", (10.0, 10.0, 500.0, 10.0), 0.2))
+    model = timemodel.fit(samples, [], 3)
+    assert model["unit_fit"][2] is None and model["unit_fit"][0] is not None
+    for u, (base, per_mac) in truth.items():
+        for macs in (0.0, 50_000.0, 400_000.0):  # 400k: beyond the samples
+            counts = (macs / 50, macs / 40, macs, macs / 30)
+            assert timemodel.unit_ms(model, u, "conv", counts) == pytest.approx(base + per_mac * macs, rel=1e-3)
+    few = (10.0, 10.0, 500.0, 10.0)
+    shared = model["base"][2] + sum(a * c for a, c in zip(model["slopes"]["conv"], few, strict=True))
+    assert timemodel.unit_ms(model, 2, "conv", few) == pytest.approx(shared)

@@ -250,6 +250,7 @@ class Unit:
     config: FilterConfig = FilterConfig()  # set per network at build
     has_dense = False
     break_even = 1.0  # incoming active fraction above which the dense form is faster (auto mode)
+    measured_break_even: float | None = None  # the same from this machine's profile (plan); replaces break_even
     mode = "auto"
 
     def __init__(self, node: fx.Node, var_nodes: list[fx.Node], module: Any = None) -> None:

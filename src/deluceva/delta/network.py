@@ -203,7 +203,8 @@ def _wants_dense(unit: Unit, ins: list[Delta]) -> bool:
             frac = max(frac, d.active / d.num_pixels)
         elif d is not None:
             return True
-    return frac > unit.break_even
+    be = unit.measured_break_even
+    return frac > (unit.break_even if be is None else be)
 
 
 class _SeedEnv:
@@ -308,6 +309,17 @@ class DeltaNetwork(nn.Module):
             raise ValueError(f"unit modes must be one of {UNIT_MODES}, got {wrong}")
         for n, m in modes.items():
             by_name[n].mode = m
+
+    def set_break_evens(self, values: dict[str, float | None]) -> None:
+        """Per unit name, the active fraction above which an "auto" unit runs its dense form (measured on this
+        machine: CostModel.break_even); None restores the unit's built-in estimate. Raises ValueError on unknown
+        names."""
+        by_name = {s.unit.name: s.unit for s in self.delta_steps}
+        bad = [n for n in values if n not in by_name]
+        if bad:
+            raise ValueError(f"unknown unit(s) {bad[:5]}; see DeltaNetwork.unit_names")
+        for n, v in values.items():
+            by_name[n].measured_break_even = None if v is None else float(v)
 
     # ---------------------------------------------------------------- build
     def _build(self) -> None:

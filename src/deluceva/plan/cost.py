@@ -79,6 +79,28 @@ class CostModel:
         hot = self._unit_interp(name, pct, "pct", f"swing_{mode}_ms")
         return calm + min(1.0, swing) * (hot - calm)
 
+    def break_even(self, name: str) -> float | None:
+        """Work fraction above which unit `name` is predicted faster in its dense form, from the profile's filtered
+        passes (pct > 0; the exact pass runs another state dtype): the dense form's time when it runs (the largest of
+        the per-percentage medians: at high percentages deep units skip most frames and their medians drop to ~0)
+        against the delta form's work curve, the exposure-swing frame included. Linear between the curve's points;
+        beyond its last point extrapolated through the origin (capped at 1). None for units without a dense form or
+        profile points."""
+        u = self.units[name]
+        pts = [p for p in u["points"] if p["pct"] > 0]
+        if not u.get("has_dense", True) or not pts:
+            return None
+        dense = max(p["dense_ms"] for p in pts)
+        curve = [(p["work"], p["delta_ms"]) for p in pts]
+        curve += [(p["swing_work"], p["swing_delta_ms"]) for p in pts if "swing_work" in p]
+        ws, ts = _curve([w for w, _ in curve], [t for _, t in curve])
+        if ts[0] >= dense:
+            return float(ws[0])
+        for i in range(1, len(ws)):
+            if ts[i] >= dense:  # crosses between points i-1 and i
+                return float(ws[i - 1] + (ws[i] - ws[i - 1]) * (dense - ts[i - 1]) / (ts[i] - ts[i - 1]))
+        return float(min(1.0, ws[-1] * dense / ts[-1])) if ts[-1] > 0 else 1.0
+
     def unit_ms_at_work(self, name: str, mode: str, work: float) -> float:
         """Predicted ms of unit `name` in `mode` ('delta' | 'dense') processing the fraction `work` of its input."""
         return self._unit_interp(name, work, "work", f"{mode}_ms")

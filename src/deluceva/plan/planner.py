@@ -5,6 +5,11 @@ Search: start from each unit's cheaper mode, then flip single units while that l
 (boundary costs couple neighbours; without them the objective is separable and the start is optimal); a few sweeps
 converge on networks of ~100 units.
 
+Per frame: every unit with a dense form runs "auto", dense when the fraction of its input it processes in that frame
+exceeds its break-even measured on this machine (`CostModel.break_even`), so that frames busier than the profile's
+typical one (codec key frames, exposure steps) do not pay a delta form's worst case; `modes` is the choice at the
+band's typical work (what the table prints and the predictions use).
+
 Band kinds: "units" runs the delta network with the plan's unit modes; "ort" runs whole frames on the fastest dense
 engine (ONNX Runtime), chosen where the best unit plan is predicted slower than that engine's measured time (a
 profile without that timing gives "units" bands only). Leaving an "ort" band re-seeds the delta network.
@@ -14,7 +19,8 @@ from __future__ import annotations
 
 import weakref
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +28,7 @@ from deluceva.errors import DelucevaError
 from deluceva.plan.cost import CostModel
 from deluceva.plan.store import Profile, ProfileKey, read_json, write_json
 
-PLAN_FORMAT = 2
+PLAN_FORMAT = 3
 KINDS = ("units", "ort")
 ORT_MARGIN = 1.0  # a band runs on the dense engine when its best unit plan is predicted above this x its time
 
@@ -37,7 +43,8 @@ class Plan:
     delta_ms: the unit plan's predicted ms per delta frame; swing_ms: the same on the profile's exposure-swing frame,
     whose input activity is swing_activity; activity: the profile clip's mean input activity at pct
     (guard.activity); seed_ms: a re-seeding frame;
-    dense_ms: the dense engine's ms (None: not profiled).
+    dense_ms: the dense engine's ms (None: not profiled). break_even: per unit with a dense form, the work fraction
+    above which it runs dense in a frame (empty: the plan's modes are fixed, as in plans of format < 3).
     """
 
     pct: float
@@ -50,6 +57,12 @@ class Plan:
     seed_ms: float | None = None
     dense_ms: float | None = None
     swing_activity: float = 1.0
+    break_even: dict[str, float] = field(default_factory=dict)
+
+    @cached_property
+    def run_modes(self) -> dict[str, str]:
+        """The unit modes pushed to the network: "auto" for units with a break-even, else the plan's mode."""
+        return {n: ("auto" if n in self.break_even else m) for n, m in self.modes.items()}
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -60,14 +73,15 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {"pct": self.pct, "kind": self.kind, "predicted_ms": self.predicted_ms, "delta_ms": self.delta_ms,
                 "swing_ms": self.swing_ms, "activity": self.activity, "swing_activity": self.swing_activity,
-                "seed_ms": self.seed_ms, "dense_ms": self.dense_ms, "modes": self.modes}
+                "seed_ms": self.seed_ms, "dense_ms": self.dense_ms, "modes": self.modes, "break_even": self.break_even}
 
     @classmethod
     def from_json(cls, b: dict[str, Any]) -> Plan:
         opt = {k: (None if b.get(k) is None else float(b[k])) for k in ("delta_ms", "swing_ms", "seed_ms",
                                                                          "dense_ms")}
         return cls(float(b["pct"]), dict(b["modes"]), float(b["predicted_ms"]), str(b.get("kind", "units")),
-                   activity=float(b.get("activity", 0.0)), swing_activity=float(b.get("swing_activity", 1.0)), **opt)
+                   activity=float(b.get("activity", 0.0)), swing_activity=float(b.get("swing_activity", 1.0)),
+                   break_even={n: float(v) for n, v in b.get("break_even", {}).items()}, **opt)
 
 
 @dataclass
@@ -105,7 +119,7 @@ class PlanSet:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PlanSet:
-        if d.get("kind") != "deluceva-plan" or d.get("format") not in (1, PLAN_FORMAT):
+        if d.get("kind") != "deluceva-plan" or d.get("format") not in (1, 2, PLAN_FORMAT):
             raise DelucevaError("not a deluceva plan file (kind/format mismatch)")
         k = d["key"]
         key = ProfileKey(str(k["model"]), (int(k["hw"][0]), int(k["hw"][1])), int(k["threads"]))
@@ -124,8 +138,16 @@ def _margin(model: CostModel, name: str, pct: float) -> float:
     return max(0.02, 0.05 * model.unit_ms(name, "delta", pct))
 
 
-def make_plan(model: CostModel, pct: float, max_sweeps: int = 8) -> Plan:
-    """The mode assignment with the lowest predicted time at `pct` (greedy start + single-unit flips)."""
+def break_evens(model: CostModel) -> dict[str, float]:
+    """Per unit with a dense form and profile points, its measured break-even (CostModel.break_even)."""
+    out = {n: model.break_even(n) for n in model.order}
+    return {n: v for n, v in out.items() if v is not None}
+
+
+def make_plan(model: CostModel, pct: float, max_sweeps: int = 8, break_even: dict[str, float] | None = None
+              ) -> Plan:
+    """The mode assignment with the lowest predicted time at `pct` (greedy start + single-unit flips); per frame the
+    units switch at `break_even` (default: `break_evens(model)`)."""
     free = [n for n in model.order if model.units[n].get("has_dense", True)]
     modes = dict.fromkeys(model.order, "delta")  # units without a dense form always run delta
     for n in free:  # dense only when clearly cheaper: near-ties are timing noise
@@ -150,7 +172,8 @@ def make_plan(model: CostModel, pct: float, max_sweeps: int = 8) -> Plan:
     kind = "ort" if ort is not None and cycle > ORT_MARGIN * ort else "units"
     return Plan(float(pct), modes, ort if kind == "ort" else cycle, kind, delta_ms=best,  # type: ignore[arg-type]
                 swing_ms=swing, activity=model.activity(pct), seed_ms=seed, dense_ms=ort,
-                swing_activity=model.activity(pct, swing=True))
+                swing_activity=model.activity(pct, swing=True),
+                break_even=break_evens(model) if break_even is None else break_even)
 
 
 def cycle_ms(delta_ms: float, seed_ms: float, frames: int) -> float:
@@ -176,8 +199,9 @@ def make_planset(profile: Profile, pcts: list[float] | None = None, boundaries: 
     model = CostModel(profile, boundaries)
     pts = sorted(pcts if pcts is not None else plan_grid(profile.pcts))
     bands: list[tuple[float, Plan]] = []
+    be = break_evens(model)  # per unit, the same in every band
     for i, p in enumerate(pts):
-        plan = make_plan(model, p)
+        plan = make_plan(model, p, break_even=be)
         if bands and bands[-1][1].modes == plan.modes:
             plan.modes = bands[-1][1].modes
         bands.append((0.0 if i == 0 else (pts[i - 1] + p) / 2, plan))
@@ -208,10 +232,12 @@ def apply_plan(net: Any, plan: PlanSet | Plan | str | None, filter_pct: float) -
     chosen = plan.for_pct(filter_pct) if isinstance(plan, PlanSet) else plan
     if chosen.kind == "ort":  # whole frames on the dense engine: the caller runs it; unit modes stay as they are
         return chosen
-    if _applied.get(net) is not chosen.modes and _applied.get(net) != chosen.modes:
+    run = chosen.run_modes
+    if _applied.get(net) is not run and _applied.get(net) != run:
         unknown = set(chosen.modes) - set(net.unit_names)
         if unknown:
             raise DelucevaError(f"plan does not fit this network: unknown units {sorted(unknown)[:3]}")
-        net.set_unit_modes(chosen.modes)
-        _applied[net] = chosen.modes
+        net.set_unit_modes(run)
+        net.set_break_evens(chosen.break_even)
+        _applied[net] = run
     return chosen

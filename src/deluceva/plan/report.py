@@ -13,11 +13,13 @@ def _macs(v: int) -> str:
 
 
 def plan_table(model: CostModel, plan: Plan) -> Table:
-    """Rows: operator, kind, output shape, dense MACs, work fraction, dense ms, delta ms, choice; caption: totals."""
+    """Rows: operator, kind, output shape, dense MACs, work fraction, dense ms, delta ms, choice at that work, the
+    work fraction above which the unit runs dense in a frame (its measured break-even); caption: totals."""
     p = plan.pct
     key = model.profile.key
     t = Table(title=f"deluceva plan — {key.model} {key.hw[1]}x{key.hw[0]}, {key.threads} thread(s), filter {p:g}%")
-    for col in ("operator", "kind", "output", "MACs", "active", "dense ms", f"delta ms @{p:g}%", "choice"):
+    for col in ("operator", "kind", "output", "MACs", "active", "dense ms", f"delta ms @{p:g}%", "choice",
+                "dense above"):
         t.add_column(col, justify="left" if col in ("operator", "kind", "output", "choice") else "right")
     for n in model.order:
         u = model.units[n]
@@ -29,7 +31,8 @@ def plan_table(model: CostModel, plan: Plan) -> Table:
             dense_s = f"{dense:.2f}"
         t.add_row(n, u["kind"], "x".join(map(str, u["shape"][1:])), _macs(int(u["dense_macs"])),
                   f"{model.work(n, p):.1%}", dense_s, f"{delta:.2f}",
-                  f"[bold]{choice}[/bold]" if choice == "dense" else choice)
+                  f"[bold]{choice}[/bold]" if choice == "dense" else choice,
+                  f"{plan.break_even[n]:.1%}" if n in plan.break_even else "-")
     t.caption = totals_line(model, plan)
     return t
 
