@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -300,10 +301,7 @@ class DeltaNetwork(nn.Module):
         """Set units' execution modes by name: "delta" (sparse form), "dense" (dense form, still emitting a delta),
         "auto" (dense when the incoming active fraction exceeds the unit's break-even). Units not named keep their
         mode. Switchable between frames; state and exactness are kept. Raises ValueError on unknown names/modes."""
-        by_name = {s.unit.name: s.unit for s in self.delta_steps}
-        bad = [n for n in modes if n not in by_name]
-        if bad:
-            raise ValueError(f"unknown unit(s) {bad[:5]}; see DeltaNetwork.unit_names")
+        by_name = self._units_named(modes)
         wrong = {n: m for n, m in modes.items() if m not in UNIT_MODES}
         if wrong:
             raise ValueError(f"unit modes must be one of {UNIT_MODES}, got {wrong}")
@@ -314,12 +312,17 @@ class DeltaNetwork(nn.Module):
         """Per unit name, the active fraction above which an "auto" unit runs its dense form (measured on this
         machine: CostModel.break_even); None restores the unit's built-in estimate. Raises ValueError on unknown
         names."""
-        by_name = {s.unit.name: s.unit for s in self.delta_steps}
-        bad = [n for n in values if n not in by_name]
-        if bad:
-            raise ValueError(f"unknown unit(s) {bad[:5]}; see DeltaNetwork.unit_names")
+        by_name = self._units_named(values)
         for n, v in values.items():
             by_name[n].measured_break_even = None if v is None else float(v)
+
+    def _units_named(self, names: Iterable[str]) -> dict[str, Unit]:
+        """Every varying unit by name; ValueError when one of `names` is none of them."""
+        by_name = {s.unit.name: s.unit for s in self.delta_steps}
+        bad = [n for n in names if n not in by_name]
+        if bad:
+            raise ValueError(f"unknown unit(s) {bad[:5]}; see DeltaNetwork.unit_names")
+        return by_name
 
     # ---------------------------------------------------------------- build
     def _build(self) -> None:
