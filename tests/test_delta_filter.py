@@ -174,3 +174,30 @@ def test_percent_of_is_validated():
 
     with pytest.raises(DelucevaError, match="--filter-of"):
         EngineConfig(mode="delta", filter_of="pixels")
+
+
+def test_reseed_keeps_the_buffers_and_holds_nothing(kernels):
+    """A re-seed of the same tensor clears what was held but keeps r, m and the kernel (no re-allocation, whose
+    page faults were paid in the following delta frames); it then filters exactly like a fresh filter."""
+    g = torch.Generator().manual_seed(5)
+    shape = (1, 8, 20, 24)
+    used, fresh = PixelFilter(FilterConfig(filter_pct=90)), PixelFilter(FilterConfig(filter_pct=90))
+    used.seed(torch.zeros(shape))
+    for _ in range(3):
+        used(_random_delta(shape, 0.3, g))
+    assert used.pending and float(used.r.abs().max()) > 0
+    r_before = used.r
+    used.seed(torch.ones(shape))
+    fresh.seed(torch.ones(shape))
+    assert not used.pending and float(used.r.abs().max()) == 0.0 and float(used.m.max()) == 0.0
+    if kernels:
+        assert used.r is r_before  # the kernel filter's buffers survive the re-seed
+    for _ in range(3):
+        d = _random_delta(shape, 0.3, g)
+        a, b = used(d), fresh(d)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a.index, b.index) and torch.equal(a.values, b.values)
+        assert torch.equal(used.r, fresh.r) and used.pending == fresh.pending
+    used.seed(torch.zeros(1, 8, 10, 12))  # another shape: new buffers
+    assert tuple(used.r.shape) == (120, 8) and float(used.r.abs().max()) == 0.0

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -474,3 +475,23 @@ def test_time_model_fits_each_unit_its_own_costs():
     few = (10.0, 10.0, 500.0, 10.0)
     shared = model["base"][2] + sum(a * c for a, c in zip(model["slopes"]["conv"], few, strict=True))
     assert timemodel.unit_ms(model, 2, "conv", few) == pytest.approx(shared)
+
+
+def test_time_model_ignores_a_first_call_outlier():
+    """One sample 100x its unit's usual time (a page fault, a first call) does not raise the unit's predictions:
+    the fit is redone without samples far off the first one; plain least squares would price every frame higher."""
+    gen = torch.Generator().manual_seed(1)
+    noise = 1 + 0.02 * torch.randn(80, generator=gen)
+    samples = []
+    for i in range(80):
+        macs = float(5_000 * (i + 1))
+        samples.append((0, "conv", (macs / 50, macs / 40, macs, macs / 30), float((0.2 + 1e-5 * macs) * noise[i])))
+    counts, ms = samples[0][2], samples[0][3]
+    samples[0] = (0, "conv", counts, 100 * ms)
+    probe = (20.0, 25.0, 1000.0, 33.0)
+    robust = timemodel.unit_ms(timemodel.fit(samples, [], 1), 0, "conv", probe)
+    assert robust == pytest.approx(0.2 + 1e-5 * 1000, rel=0.05)
+    x = np.array([[1.0, *(np.array(c) * timemodel._SCALE)] for _, _, c, _ in samples])
+    y = np.array([t for *_, t in samples])
+    plain = timemodel.robust_nnls(x, y, cut=float("inf"))
+    assert float(plain[0]) > 1.3 * 0.2  # the outlier lifts the fixed cost of a plain fit

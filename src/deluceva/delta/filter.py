@@ -132,15 +132,21 @@ class PixelFilter(_Stats):
 
     def seed(self, x: torch.Tensor) -> None:
         n, c, h, w = x.shape
+        kf = getattr(self, "_kf", None)
+        if kf and self.shape == (n, c, h, w) and self.dtype == x.dtype:
+            # a re-seed of the same tensor: keep the buffers and the kernel, clear only what is held (the kernel's
+            # candidate list); rebuilding them costs a full zeroing and scan of r and m in the next delta frame
+            kf.reset()
+        else:
+            self._r: torch.Tensor | None = None  # allocated on first use: at 0% with nothing pending never needed
+            self._m: torch.Tensor | None = None
+            self._kf: Any = None  # the kernel pixel filter sharing r and m (None: not built yet; False: unavailable)
+            self.tile_id: torch.Tensor | None = None
         self.shape = (n, c, h, w)
         self.dtype = x.dtype
         self.scale = sample_std(x)
-        self._r: torch.Tensor | None = None  # allocated on first use: at 0% with nothing pending it is never needed
-        self._m: torch.Tensor | None = None
-        self.tile_id: torch.Tensor | None = None
         self.pending = False
         self.held_max = 0.0
-        self._kf: Any = None  # the kernel pixel filter sharing r and m (None: not built yet; False: unavailable)
 
     @property
     def r(self) -> torch.Tensor:

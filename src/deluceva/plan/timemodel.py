@@ -15,6 +15,8 @@ coefficients keep a frame with more work from being predicted cheaper. Units wit
 use one fixed cost each and slopes shared by all units of their kind (conv, add, cat, ...). Slopes per unit follow
 each kernel's own cost per count (a 16-channel conv's few-pixel loop, a 256-channel GEMM): on YOLOv5n 768x448 at
 75-90%, shared slopes predicted the units' summed time on three other clips 4-14% low, per-unit slopes within 7%.
+Every fit is robust: samples far off a first fit (page faults, first calls: up to 100x a unit's usual time) are
+dropped and the fit redone (`robust_nnls`).
 The network's own work outside the units (input delta, output updates, the unit loop) is fitted per frame as a fixed
 cost plus a cost per output element touched. Fitted on filtered frames only (pct > 0; exact runs keep float64
 state); idle frames (the network skipped its unit loop) are not fitted.
@@ -30,6 +32,7 @@ from scipy.optimize import nnls
 
 FEATURES: tuple[str, ...] = ("in", "held", "macs", "out")
 UNIT_MIN_SAMPLES = 20
+OUTLIER_MADS = 6.0  # robust_nnls: samples this many robust standard deviations off the first fit are dropped
 _SCALE = np.array([1e-6, 1e-4, 1e-8, 1e-6])  # counts -> O(1) columns for the solver
 
 
@@ -68,7 +71,7 @@ def fit(samples: Sequence[tuple[int, str, tuple[float, ...], float]], frames: Se
         j = n_units + kinds.index(kind) * nf
         x[i, j:j + nf] = np.asarray(counts) * _SCALE
         y[i] = ms
-    coef, _ = nnls(x, y, maxiter=50 * x.shape[1])
+    coef = robust_nnls(x, y)
     slopes = coef[n_units:].reshape(len(kinds), nf) * _SCALE
     overhead = [0.0, 0.0]
     if frames:
@@ -78,6 +81,21 @@ def fit(samples: Sequence[tuple[int, str, tuple[float, ...], float]], frames: Se
     return {"features": list(FEATURES), "base": [float(v) for v in coef[:n_units]],
             "slopes": {k: [float(v) for v in slopes[i]] for i, k in enumerate(kinds)},
             "unit_fit": _unit_fits(samples, n_units), "overhead": overhead, "samples": len(samples)}
+
+
+def robust_nnls(x: np.ndarray, y: np.ndarray, cut: float | None = None) -> np.ndarray:
+    """Non-negative least squares, refitted once without the samples whose residual exceeds `cut` (default
+    OUTLIER_MADS) robust standard deviations (1.4826 x the median absolute residual): a page fault or a first call
+    can cost one sample 10-100x its usual time (YOLOX-Nano's first conv: 38 ms once, 0.1-9 ms otherwise), and least
+    squares would raise the unit's every prediction with it."""
+    cut = OUTLIER_MADS if cut is None else cut
+    coef = nnls(x, y, maxiter=50 * x.shape[1])[0]
+    res = y - x @ coef
+    scale = 1.4826 * float(np.median(np.abs(res)))
+    keep = np.abs(res) <= cut * scale
+    if scale > 0 and x.shape[1] <= int(keep.sum()) < len(y):
+        coef = nnls(x[keep], y[keep], maxiter=50 * x.shape[1])[0]
+    return coef
 
 
 def _unit_fits(samples: Sequence[tuple[int, str, tuple[float, ...], float]], n_units: int) -> list[list[float] | None]:
@@ -92,7 +110,7 @@ def _unit_fits(samples: Sequence[tuple[int, str, tuple[float, ...], float]], n_u
             out.append(None)
             continue
         x = np.hstack([np.ones((len(r), 1)), np.array([c for c, _ in r], dtype=float) * _SCALE])
-        coef, _ = nnls(x, np.array([ms for _, ms in r]), maxiter=50 * x.shape[1])
+        coef = robust_nnls(x, np.array([ms for _, ms in r]))
         out.append([float(coef[0]), *(float(v) for v in coef[1:] * _SCALE)])
     return out
 
