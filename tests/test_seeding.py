@@ -41,7 +41,9 @@ def test_seeded_state_comes_from_the_exported_values(setup):
     net = convert(det.network, frames[0], state_dtype=torch.float32)
     seeder = OrtSeeder(net, HW, 1)
     assert len(seeder.nodes) > 100  # every conv's pre-activation and activation, the pools
-    other = dict(zip(seeder.nodes, seeder._run(frames[40]), strict=True))
+    assert 50 <= sum(seeder.nhwc) < len(seeder.nodes)  # the convs' pre-activations come transposed to NHWC
+    other = seeder.values(frames[40])
+    assert all(tuple(v.shape) == tuple(n.meta["tensor_meta"].shape) for n, v in other.items())
     out = net.seed_from(frames[0], other)
     _close(out, ort(frames[40]))
     assert net.last_dense and not net.needs_seed(frames[1])

@@ -265,6 +265,11 @@ class Unit:
         """Nodes whose precomputed values `seed` can take instead of computing them (see `given`)."""
         return []
 
+    def row_nodes(self) -> list[fx.Node]:
+        """Given nodes (4-D) whose values `seed` only copies into channels-last state rows: a seeder may hand them as
+        channels-last views (NCHW shape, NHWC memory), which makes that copy a plain memory copy."""
+        return []
+
     def materialize(self, env: Env) -> tuple[tuple, dict]:
         """Full-value (args, kwargs) of the node."""
         return fx.node.map_arg(self.node.args, env), dict(fx.node.map_arg(self.node.kwargs, env))  # type: ignore

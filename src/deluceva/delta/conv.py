@@ -218,6 +218,9 @@ class ConvUnit(Unit):
     def given_nodes(self) -> list[fx.Node]:
         return [self.node, *self.fused]
 
+    def row_nodes(self) -> list[fx.Node]:
+        return [self.node] if self.act_node is not None else []  # without activation z is also the unit's output
+
     def __call__(self, d: Delta) -> Delta:
         if not isinstance(d, PixelDelta):
             d = to_pixels(d)
