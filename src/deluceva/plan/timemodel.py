@@ -15,8 +15,8 @@ coefficients keep a frame with more work from being predicted cheaper. Units wit
 use one fixed cost each and slopes shared by all units of their kind (conv, add, cat, ...). Slopes per unit follow
 each kernel's own cost per count (a 16-channel conv's few-pixel loop, a 256-channel GEMM): on YOLOv5n 768x448 at
 75-90%, shared slopes predicted the units' summed time on three other clips 4-14% low, per-unit slopes within 7%.
-Every fit is robust: samples far off a first fit (page faults, first calls: up to 100x a unit's usual time) are
-dropped and the fit redone (`robust_nnls`).
+The unit fits are robust: samples far off a first fit (page faults, first calls: up to 100x a unit's usual time)
+are dropped and the fit redone (`robust_nnls`).
 The network's own work outside the units (input delta, output updates, the unit loop) is fitted per frame as a fixed
 cost plus a cost per output element touched. Fitted on filtered frames only (pct > 0; exact runs keep float64
 state); idle frames (the network skipped its unit loop) are not fitted.
