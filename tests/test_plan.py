@@ -495,3 +495,22 @@ def test_time_model_ignores_a_first_call_outlier():
     y = np.array([t for *_, t in samples])
     plain = timemodel.robust_nnls(x, y, cut=float("inf"))
     assert float(plain[0]) > 1.3 * 0.2  # the outlier lifts the fixed cost of a plain fit
+
+
+@pytest.mark.parametrize("schedule, block", [("frame", 1), ("block", 10), ("clip", 23)])
+def test_bench_schedules_run_every_engine_on_every_frame_in_order(schedule, block):
+    from deluceva.eval.bench_plan import run_order
+
+    engines = ["mixed", "all-dense", "all-delta", "ort"]
+    order = run_order(schedule, engines, 23, seed=0)
+    for e in engines:
+        assert [i for name, i in order if name == e] == list(range(23))
+    pos = 0  # block by block: each engine takes one turn over all of the block's frames
+    for b0 in range(0, 23, block):
+        frames = list(range(b0, min(23, b0 + block)))
+        turns = [order[pos + k * len(frames):pos + (k + 1) * len(frames)] for k in range(len(engines))]
+        assert sorted(t[0][0] for t in turns) == sorted(engines)
+        assert all(t == [(t[0][0], i) for i in frames] for t in turns)
+        pos += len(engines) * len(frames)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        run_order("round-robin", engines, 23, seed=0)

@@ -299,8 +299,9 @@ def bench_plan(
     reprofile: Annotated[bool, typer.Option(help="Re-profile even when a fresh profile exists")] = False,
     out: Annotated[Path | None, typer.Option(help="JSON output (default bench/results/plan_<models>.json)")] = None,
     schedule: Annotated[str | None, typer.Option(
-        help="frame: engines interleaved frame by frame; clip: each engine runs the whole clip (default: frame "
-             "with 1 thread, clip with more: another runtime's spinning threads would slow the engine that follows)"
+        help="frame: engines interleaved frame by frame; block: engines take turns over blocks of 10 frames; "
+             "clip: each engine runs the whole clip (default: frame with 1 thread, block with more: another "
+             "runtime's spinning threads would slow the engine that follows)"
     )] = None,
 ) -> None:
     """Mixed plan (plan=auto) vs all-dense, all-delta and ONNX Runtime, end to end, with predicted vs measured."""

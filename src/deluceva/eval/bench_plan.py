@@ -2,13 +2,16 @@
 dense engine (ONNX Runtime), end to end on the shipped videos.
 
 Per (model, input size, threads, video, filtering percentage) the same decoded frames run through four engines, in
-one of two schedules (`SCHEDULES`; the mixed engine and the ORT engine share one ONNX Runtime session):
+one of three schedules (`SCHEDULES`; the mixed engine and the ORT engine share one ONNX Runtime session):
   frame  interleaved frame by frame (a seeded random order every frame), so that load changes on a shared machine
          hit all engines alike; the default with 1 thread.
-  clip   each engine runs the whole clip, the engines in a seeded random order per repeat; the default with more
-         threads: there, an engine that follows another pays for the other runtime's thread pool still spinning on
-         the cores (PyTorch's OpenMP workers after a PyTorch engine slowed the next ONNX Runtime frame of YOLOX-Nano
-         416 from ~10 to ~15 ms), a cost that a deployed engine, running alone, does not pay.
+  block  the engines take turns over blocks of BLOCK_FRAMES consecutive frames (a seeded random order per block);
+         the default with more threads: there, an engine that follows another pays for the other runtime's thread
+         pool still spinning on the cores (PyTorch's OpenMP workers after a PyTorch engine slowed the next ONNX
+         Runtime frame of YOLOX-Nano 416 from ~10 to ~15 ms), a cost that a deployed engine, running alone, does not
+         pay: blocks pay it once per block, yet spread the machine's drift (2 threads: ±30% over minutes) over all
+         engines alike.
+  clip   each engine runs the whole clip, the engines in a seeded random order per repeat (a block of the whole clip).
   mixed      Engine(mode=delta, plan=auto): this machine's profile -> plan bands (units | ort) + per-frame guard
   all-dense  Engine(mode=delta, plan=dense): every unit in its dense (torch) form
   all-delta  Engine(mode=delta, plan=delta): every unit in its delta form
@@ -110,12 +113,27 @@ def cost_model_ms(engine: Engine, cost: CostModel, pct: float) -> float | None:
     return cost.predict_frame(ran, pct)
 
 
-SCHEDULES = ("frame", "clip")
+SCHEDULES = ("frame", "block", "clip")
+BLOCK_FRAMES = 10
 
 
 def default_schedule(threads: int) -> str:
-    """'frame' with 1 thread, 'clip' with more (module docs)."""
-    return "frame" if threads == 1 else "clip"
+    """'frame' with 1 thread, 'block' with more (module docs)."""
+    return "frame" if threads == 1 else "block"
+
+
+def run_order(schedule: str, engines: Sequence[str], frames: int, seed: int) -> list[tuple[str, int]]:
+    """(engine, frame position) pairs in the order `schedule` runs them (module docs): every engine sees every frame
+    once and its frames in order."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    block = {"frame": 1, "block": BLOCK_FRAMES, "clip": max(1, frames)}[schedule]
+    rng = np.random.default_rng(seed)
+    order = []
+    for b0 in range(0, frames, block):
+        for name in rng.permutation(list(engines)):
+            order += [(str(name), i) for i in range(b0, min(frames, b0 + block))]
+    return order
 
 
 def run_cell(det: Any, clip: Sequence[Any], imgsz: str | None, threads: int, pct: float, repeats: int,
@@ -123,8 +141,6 @@ def run_cell(det: Any, clip: Sequence[Any], imgsz: str | None, threads: int, pct
     """Runs of the four engines over `clip` at `pct` in `schedule` order (module docs); per engine per frame ms
     (median over repeats), the mixed engine's per-frame info (first repeat, with the cost model's ms of its delta
     frames) and detections (first repeat). tick: called once per frame and engine run."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     ms: dict[str, list[list[float]]] = {e: [[] for _ in clip] for e in ENGINES}
     info: list[dict[str, Any]] = []
     dets: dict[str, list[Detections]] = {e: [] for e in ENGINES}
@@ -132,12 +148,7 @@ def run_cell(det: Any, clip: Sequence[Any], imgsz: str | None, threads: int, pct
         engines = _engines(det, imgsz, threads, pct, ort)
         for eng in engines.values():
             eng.ensure_prepared(clip[0].rgb.shape[:2])
-        rng = np.random.default_rng(r)
-        if schedule == "frame":
-            order = [(str(name), i) for i in range(len(clip)) for name in rng.permutation(list(engines))]
-        else:
-            order = [(str(name), i) for name in rng.permutation(list(engines)) for i in range(len(clip))]
-        for name, i in order:
+        for name, i in run_order(schedule, list(engines), len(clip), r):
             eng = engines[name]
             rec = eng.process(clip[i])
             ms[name][i].append(rec["ms"])
@@ -212,7 +223,7 @@ def run_plan_benchmark(models: list[str], sizes: list[str], threads_list: list[i
                        reprofile: bool, out: Path, console: Console, progress_factory: Any,
                        schedule: str | None = None) -> dict[str, Any]:
     """Run the benchmark matrix; print the table; write JSON to `out` (per-frame series included). schedule:
-    'frame' | 'clip' | None (per thread count: `default_schedule`)."""
+    one of SCHEDULES or None (per thread count: `default_schedule`)."""
     rows: list[dict[str, Any]] = []
     clips = {v: decode(v, frames, start) for v in videos}
     for model in models:
