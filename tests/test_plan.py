@@ -355,23 +355,6 @@ def test_guard_rents_slightly_slower_frames_before_throwing_the_state_away():
     assert guard.decide(busy) == "ort"
 
 
-def test_guard_leaves_the_dense_engine_in_a_lasting_change_only_when_delta_frames_are_priced_cheap():
-    """On the dense engine, a frame that is not calm re-seeds when the profile prices delta frames at its activity so
-    far under the dense engine that the re-seed pays within the horizon (a high percentage holds most of a lasting
-    change back), and waits for calm when they are priced near or above it."""
-    busy = 1.0  # everything changes: the profile prices a delta frame at its swing cost
-    for swing_ms, cheap in ((20.0, True), (46.0, False), (80.0, False)):  # pays when (50 - ms) x 10 > 100 - 50
-        guard = FrameGuard(DeltaCost(10.0, swing_ms, 0.02), ort_ms=50.0, seed_ms=100.0)
-        guard.observe("reseed", 100.0)
-        guard.observe("delta", 60.0)  # over the per-frame limit: to the dense engine
-        assert guard.decide(busy) == "ort"
-        decisions = [guard.decide(busy) for _ in range(10)]
-        if cheap:  # after the minimum stay on the dense engine
-            assert decisions[0] == "ort" and "reseed" in decisions
-        else:
-            assert decisions == ["ort"] * 10
-
-
 def test_engines_share_one_dense_session_only_when_they_run_it_alike(setup):
     from deluceva.engine import Engine, EngineConfig
 

@@ -16,15 +16,12 @@ synthetic exposure swing (the last profile frame 6% brighter) at that frame's ac
   While the scene keeps changing (activity above `calm_activity`: twice the lower quartile of recent delta frames'
   activity, at least 0.1) the guard stays there, so a sustained exposure swing costs dense-engine frames and one
   re-seed when it calms ("reseed": a dense seeding frame, about 2-4x the dense engine), taken only when the saving
-  over the next `horizon` frames pays for it. A frame that is not calm re-seeds as well when the profile prices
-  delta frames at its activity so far under the dense engine that this pays: at high percentages the filters hold
-  most of a lasting change back (YOLOX-Nano 768x448 at 95%, car video: 35 busy frames after an exposure swing ran
-  on ONNX Runtime at 46-54 ms where delta frames took 19-34 ms).
+  over the next `horizon` frames pays for it.
 - backlog: with filtering > 0 the residuals the filters hold back accumulate and delta frames grow more expensive
   over time since the last seed. Renewal rule: when the recent delta ms exceed the mean ms per frame of the
   current cycle (the seeding frame plus the delta frames since) by 10% (timing noise), re-seed on the next calm
   frame (this minimises the long-run mean for costs that grow with time). A calm frame predicted above the dense
-  engine also re-seeds when that pays. Renewals wait for a calm frame.
+  engine also re-seeds when that pays. Re-seeds are never taken on frames that are not calm.
 - repeated losses: when the delta network is measured slower than the dense engine within a few frames of a
   re-seed, the cycle is lost: the guard moves to the dense engine and the minimum stay there (after which it probes
   with a re-seed) doubles, up to 256 frames, so content the delta network cannot win on does not thrash.
@@ -195,8 +192,8 @@ class FrameGuard:
         if calm and self.probe:
             self._probing = True
             return self._reseed()
-        if self.reseed_pays(a):  # calm, or busy but priced by the profile at this activity well under the dense
-            return self._reseed()  # engine (a high percentage holds most of a lasting change back)
+        if calm and self.reseed_pays(a):
+            return self._reseed()
         return "ort"
 
     def enter_dense_band(self, probe: bool) -> None:
