@@ -355,21 +355,6 @@ def test_guard_rents_slightly_slower_frames_before_throwing_the_state_away():
     assert guard.decide(busy) == "ort"
 
 
-def test_guard_leaves_the_dense_engine_in_a_lasting_change_only_off_swings_and_when_delta_is_priced_cheap():
-    """On the dense engine, a busy frame (not calm) that is no exposure swing re-seeds when the profile prices delta
-    frames at its activity so far under the dense engine that the re-seed pays within the horizon (a high
-    percentage holds most of a lasting change back); a swing frame never does (a re-seed there costs 2-3x a dense
-    frame), nor a busy frame priced near the dense engine."""
-    for swing_ms, a, expect in ((20.0, 0.25, "reseed"), (200.0, 0.25, "ort"), (20.0, 0.6, "ort")):
-        guard = FrameGuard(DeltaCost(10.0, swing_ms, 0.02), ort_ms=50.0, seed_ms=100.0)
-        guard.observe("reseed", 100.0)
-        guard.observe("delta", 60.0)  # over the per-frame limit: to the dense engine
-        assert a > guard.calm_activity and guard.decide(a) == "ort"
-        decisions = [guard.decide(a) for _ in range(10)]
-        assert decisions[0] == "ort"  # the minimum stay
-        assert ("reseed" in decisions) == (expect == "reseed")
-
-
 def test_engines_share_one_dense_session_only_when_they_run_it_alike(setup):
     from deluceva.engine import Engine, EngineConfig
 

@@ -16,16 +16,12 @@ synthetic exposure swing (the last profile frame 6% brighter) at that frame's ac
   While the scene keeps changing (activity above `calm_activity`: twice the lower quartile of recent delta frames'
   activity, at least 0.1) the guard stays there, so a sustained exposure swing costs dense-engine frames and one
   re-seed when it calms ("reseed": a dense seeding frame, about 2-4x the dense engine), taken only when the saving
-  over the next `horizon` frames pays for it. A busy frame that is no swing (activity < `busy_reseed_below`)
-  re-seeds as well when the profile prices delta frames at its activity so far under the dense engine that this
-  pays: at high percentages the filters hold most of a lasting change back (YOLOX-Nano 768x448, 95%, car video,
-  engines alone: 47 busy frames after an exposure swing had run on ONNX Runtime at 46-54 ms where delta frames take
-  19-34 ms; mixed / min 1.28 -> 0.98). Never on a swing frame itself: a re-seed there cost 2.2-2.7x a dense frame.
+  over the next `horizon` frames pays for it.
 - backlog: with filtering > 0 the residuals the filters hold back accumulate and delta frames grow more expensive
   over time since the last seed. Renewal rule: when the recent delta ms exceed the mean ms per frame of the
   current cycle (the seeding frame plus the delta frames since) by 10% (timing noise), re-seed on the next calm
   frame (this minimises the long-run mean for costs that grow with time). A calm frame predicted above the dense
-  engine also re-seeds when that pays. Renewals wait for a calm frame.
+  engine also re-seeds when that pays. Re-seeds are never taken on frames that are not calm.
 - repeated losses: when the delta network is measured slower than the dense engine within a few frames of a
   re-seed, the cycle is lost: the guard moves to the dense engine and the minimum stay there (after which it probes
   with a re-seed) doubles, up to 256 frames, so content the delta network cannot win on does not thrash.
@@ -95,9 +91,7 @@ class FrameGuard:
     reaches a re-seed's extra cost (ski rental: leaving throws the state away). horizon: frames over which a
     re-seed must pay for itself. min_stay: initial minimum number of frames on the dense engine after moving there.
     calm_floor: frames up to this activity always count as calm (people moving close to the camera are not a
-    swing). busy_reseed_below: on the dense engine, a frame that is not calm but below this activity (not an
-    exposure swing: `bench plan` counts >= 30% of pixels changed as one) re-seeds when that pays. renew: apply the
-    renewal rule (re-seed when the backlog makes it pay).
+    swing). renew: apply the renewal rule (re-seed when the backlog makes it pay).
     """
 
     cost: DeltaCost
@@ -108,7 +102,6 @@ class FrameGuard:
     min_stay: int = 2
     min_cycle: int = 4
     calm_floor: float = 0.1
-    busy_reseed_below: float = 0.3
     renew: bool = True
     probe: bool = False
     state: str = "delta"
@@ -199,7 +192,7 @@ class FrameGuard:
         if calm and self.probe:
             self._probing = True
             return self._reseed()
-        if (calm or a < self.busy_reseed_below) and self.reseed_pays(a):
+        if calm and self.reseed_pays(a):
             return self._reseed()
         return "ort"
 
