@@ -9,8 +9,8 @@ one of three schedules (`SCHEDULES`; the mixed engine and the ORT engine share o
          the default with more threads: there, an engine that follows another pays for the other runtime's thread
          pool still spinning on the cores (PyTorch's OpenMP workers after a PyTorch engine slowed the next ONNX
          Runtime frame of YOLOX-Nano 416 from ~10 to ~15 ms), a cost that a deployed engine, running alone, does not
-         pay: blocks pay it once per block, yet spread the machine's drift (2 threads: ±30% over minutes) over all
-         engines alike.
+         pay: blocks pay it once per block, yet spread the machine's drift (2 threads on this VM: up to ~2x over
+         seconds, docs/architecture.md "Threads") over all engines alike.
   clip   each engine runs the whole clip, the engines in a seeded random order per repeat (a block of the whole clip).
   mixed      Engine(mode=delta, plan=auto): this machine's profile -> plan bands (units | ort) + per-frame guard
   all-dense  Engine(mode=delta, plan=dense): every unit in its dense (torch) form
