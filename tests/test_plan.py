@@ -473,8 +473,23 @@ def test_time_model_fits_each_unit_its_own_costs():
             counts = (macs / 50, macs / 40, macs, macs / 30)
             assert timemodel.unit_ms(model, u, "conv", counts) == pytest.approx(base + per_mac * macs, rel=1e-3)
     few = (10.0, 10.0, 500.0, 10.0)
-    shared = model["base"][2] + sum(a * c for a, c in zip(model["slopes"]["conv"], few, strict=True))
+    shared = model["base"][2] + sum(a * c for a, c in zip(model["slopes"]["conv"], timemodel.terms(few), strict=True))
     assert timemodel.unit_ms(model, 2, "conv", few) == pytest.approx(shared)
+
+
+def test_time_model_prices_a_running_call_apart_from_a_skipped_one():
+    """A unit that skips most frames (~2 us) and pays a fixed 50 us plus its per-MAC cost when it runs: a small
+    running call costs its fixed cost, a skipped one next to nothing. One fixed cost for both (the counts alone)
+    would price the running calls low."""
+    gen = torch.Generator().manual_seed(2)
+    samples = [(0, "conv", (0.0, 0.0, 0.0, 0.0), 0.002) for _ in range(120)]
+    for _ in range(60):
+        macs = float(torch.randint(1_000, 200_000, (1,), generator=gen))
+        samples.append((0, "conv", (macs / 50, macs / 40, macs, macs / 30), 0.05 + 1e-6 * macs))
+    model = timemodel.fit(samples, [], 1)
+    small = (40.0, 50.0, 2_000.0, 66.0)
+    assert timemodel.unit_ms(model, 0, "conv", small) == pytest.approx(0.05 + 1e-6 * 2_000, rel=0.05)
+    assert timemodel.unit_ms(model, 0, "conv", (0.0, 0.0, 0.0, 0.0)) == pytest.approx(0.002, abs=1e-3)
 
 
 def test_time_model_ignores_a_first_call_outlier():
@@ -491,7 +506,7 @@ def test_time_model_ignores_a_first_call_outlier():
     probe = (20.0, 25.0, 1000.0, 33.0)
     robust = timemodel.unit_ms(timemodel.fit(samples, [], 1), 0, "conv", probe)
     assert robust == pytest.approx(0.2 + 1e-5 * 1000, rel=0.05)
-    x = np.array([[1.0, *(np.array(c) * timemodel._SCALE)] for _, _, c, _ in samples])
+    x = np.array([[1.0, *(np.array(timemodel.terms(c)) * timemodel._SCALE)] for _, _, c, _ in samples])
     y = np.array([t for *_, t in samples])
     plain = timemodel.robust_nnls(x, y, cut=float("inf"))
     assert float(plain[0]) > 1.3 * 0.2  # the outlier lifts the fixed cost of a plain fit

@@ -9,7 +9,13 @@ four counts describe the work, each one kernel's cost driver:
   macs    multiply-accumulates done (the sparse conv's GEMM, or the dense form's whole conv)
   out     output elements touched (active output positions x channels): state update, activation, emit
 
-Model per mode (delta, dense): ms = base[unit] + slopes[unit] . counts, fitted by non-negative least squares over
+A fifth term, `ran` (1 when the unit did any work in the frame, else 0), prices a call that runs apart from one that
+skips: at 90-95% most units skip most frames (~2 us), while a unit that runs at all pays a fixed cost of ~10-100 us
+(its kernel calls) on top of its per-count costs. With one fixed cost for both, the fit priced every running call
+of a busier frame low: YOLOv5n 768x448 at 75%, where units run in most frames, 0.72-0.75 of the measured network
+time, against 0.86-0.91 with the term (YOLOX-Nano 0.62-0.87 -> 0.83-1.05; same machine and hour, plan=auto).
+
+Model per mode (delta, dense): ms = base[unit] + slopes[unit] . terms, fitted by non-negative least squares over
 every (frame, unit) of the profiling passes (about 85 units x 200 frames per mode for YOLOv5n); non-negative
 coefficients keep a frame with more work from being predicted cheaper. Units with fewer than UNIT_MIN_SAMPLES samples
 use one fixed cost each and slopes shared by all units of their kind (conv, add, cat, ...). Slopes per unit follow
@@ -31,9 +37,15 @@ import numpy as np
 from scipy.optimize import nnls
 
 FEATURES: tuple[str, ...] = ("in", "held", "macs", "out")
+TERMS: tuple[str, ...] = (*FEATURES, "ran")  # the model's terms: the counts and whether the unit ran at all
 UNIT_MIN_SAMPLES = 20
 OUTLIER_MADS = 6.0  # robust_nnls: samples this many robust standard deviations off the first fit are dropped
-_SCALE = np.array([1e-6, 1e-4, 1e-8, 1e-6])  # counts -> O(1) columns for the solver
+_SCALE = np.array([1e-6, 1e-4, 1e-8, 1e-6, 1.0])  # terms -> O(1) columns for the solver
+
+
+def terms(counts: Sequence[float]) -> tuple[float, ...]:
+    """The model's terms (TERMS) of one unit's counts (FEATURES) in a frame."""
+    return (*counts, 1.0 if any(c > 0 for c in counts) else 0.0)
 
 
 def kind_key(kind: str) -> str:
@@ -59,17 +71,17 @@ def touched(counts: Sequence[Sequence[float]]) -> float:
 def fit(samples: Sequence[tuple[int, str, tuple[float, ...], float]], frames: Sequence[tuple[float, float]],
         n_units: int) -> dict[str, Any]:
     """Fit one mode's model from unit samples (unit index, unit kind, counts, ms) and frame samples (elements
-    touched, ms outside the units). Returns {base: [ms per unit], slopes: {kind: [ms per count, per FEATURES]},
-    unit_fit: per unit [base ms, *ms per count] or None (fewer than UNIT_MIN_SAMPLES samples: base and kind slopes),
+    touched, ms outside the units). Returns {base: [ms per unit], slopes: {kind: [ms per term, per TERMS]},
+    unit_fit: per unit [base ms, *ms per term] or None (fewer than UNIT_MIN_SAMPLES samples: base and kind slopes),
     overhead: [ms, ms per element touched], features, samples}."""
     kinds = sorted({k for _, k, _, _ in samples})
-    nf = len(FEATURES)
+    nf = len(TERMS)
     x = np.zeros((len(samples), n_units + nf * len(kinds)))
     y = np.empty(len(samples))
     for i, (u, kind, counts, ms) in enumerate(samples):
         x[i, u] = 1.0
         j = n_units + kinds.index(kind) * nf
-        x[i, j:j + nf] = np.asarray(counts) * _SCALE
+        x[i, j:j + nf] = np.asarray(terms(counts)) * _SCALE
         y[i] = ms
     coef = robust_nnls(x, y)
     slopes = coef[n_units:].reshape(len(kinds), nf) * _SCALE
@@ -78,7 +90,7 @@ def fit(samples: Sequence[tuple[int, str, tuple[float, ...], float]], frames: Se
         fx = np.array([[1.0, t * 1e-6] for t, _ in frames])
         oc, _ = nnls(fx, np.array([ms for _, ms in frames]))
         overhead = [float(oc[0]), float(oc[1]) * 1e-6]
-    return {"features": list(FEATURES), "base": [float(v) for v in coef[:n_units]],
+    return {"features": list(TERMS), "base": [float(v) for v in coef[:n_units]],
             "slopes": {k: [float(v) for v in slopes[i]] for i, k in enumerate(kinds)},
             "unit_fit": _unit_fits(samples, n_units), "overhead": overhead, "samples": len(samples)}
 
@@ -99,17 +111,20 @@ def robust_nnls(x: np.ndarray, y: np.ndarray, cut: float | None = None) -> np.nd
 
 
 def _unit_fits(samples: Sequence[tuple[int, str, tuple[float, ...], float]], n_units: int) -> list[list[float] | None]:
-    """Per unit, [base, *slopes] fitted (non-negative least squares) on its own samples; None below
-    UNIT_MIN_SAMPLES."""
+    """Per unit, [base, *slopes per TERMS] fitted (non-negative least squares) on its own samples; None below
+    UNIT_MIN_SAMPLES. A unit that ran in every sample gets no `ran` slope (it would be the base again): its base is
+    then the cost of a running call."""
     rows: list[list[tuple[tuple[float, ...], float]]] = [[] for _ in range(n_units)]
     for u, _, counts, ms in samples:
-        rows[u].append((counts, ms))
+        rows[u].append((terms(counts), ms))
     out: list[list[float] | None] = []
     for r in rows:
         if len(r) < UNIT_MIN_SAMPLES:
             out.append(None)
             continue
-        x = np.hstack([np.ones((len(r), 1)), np.array([c for c, _ in r], dtype=float) * _SCALE])
+        x = np.hstack([np.ones((len(r), 1)), np.array([t for t, _ in r], dtype=float) * _SCALE])
+        if x[:, -1].all():
+            x[:, -1] = 0.0
         coef = robust_nnls(x, np.array([ms for _, ms in r]))
         out.append([float(coef[0]), *(float(v) for v in coef[1:] * _SCALE)])
     return out
@@ -123,11 +138,13 @@ def overhead_ms(model: Mapping[str, Any], counts: Sequence[Sequence[float]]) -> 
 
 def unit_ms(model: Mapping[str, Any], index: int, kind: str, counts: Sequence[float]) -> float:
     """A fitted model's ms for unit `index` (of `kind`) doing `counts` (FEATURES): its own fit when it has one, else
-    its fixed cost and the kind's slopes."""
+    its fixed cost and the kind's slopes. Models fitted before the `ran` term (features = FEATURES) price the counts
+    alone."""
+    x = terms(counts) if len(model.get("features", FEATURES)) == len(TERMS) else tuple(counts)
     own = model.get("unit_fit")
     if own and own[index] is not None:
         base, *coef = own[index]
-        return float(base + sum(a * c for a, c in zip(coef, counts, strict=True)))
+        return float(base + sum(a * c for a, c in zip(coef, x, strict=True)))
     slopes = model["slopes"].get(kind)
-    extra = sum(a * c for a, c in zip(slopes, counts, strict=True)) if slopes else 0.0
+    extra = sum(a * c for a, c in zip(slopes, x, strict=True)) if slopes else 0.0
     return float(model["base"][index]) + extra
