@@ -270,7 +270,12 @@ def test_swing_guard_triggers_on_a_full_frame_brightness_change(setup):
     guard.observe("delta", cost(calm_a))
     assert guard.decide(swing_a) == "ort"  # predicted above the dense engine: run it there
     guard.observe("ort", ort)
-    for _ in range(guard.min_stay + 3):  # stays while the scene keeps changing
+    while not guard.needs_activity():  # the minimum stay: decided without measuring the frame's activity
+        assert guard.decide(None) == "ort"
+        guard.observe("ort", ort)
+    with pytest.raises(ValueError, match="activity is needed"):
+        guard.decide(None)
+    for _ in range(3):  # stays while the scene keeps changing
         assert guard.decide(swing_a) == "ort"
         guard.observe("ort", ort)
     assert guard.decide(calm_a) == "reseed"  # calm again, and fresh delta frames pay for the seed

@@ -249,11 +249,6 @@ class Engine:
         band = plan.kind
         if band == "ort" and plan.delta_ms is not None and plan.delta_ms < PROBE_RATIO * plan.dense_ms:
             band = "ort-probe"  # predicted close to the dense engine on the profile clip: worth probing here
-        if band == "ort":
-            act = None  # not needed: the whole band runs on the dense engine
-        else:
-            with single_threaded():
-                act = 1.0 if prev is None or prev.shape != x.shape else activity(x, prev, floor)
         now = self._dense_ms or float(plan.dense_ms)
         load = min(2.0, max(0.5, now / float(plan.dense_ms)))  # profile times -> this machine's load now
         cost = DeltaCost(float(plan.delta_ms), float(plan.swing_ms or plan.delta_ms), float(plan.activity),
@@ -263,16 +258,23 @@ class Engine:
             guard = self._guard = FrameGuard(cost, now, load * float(plan.seed_ms or 3 * plan.dense_ms))
         guard.cost = cost.scaled(load)  # the running band's prediction (the filter may change between frames)
         last, self._band = self._band, band
-        if band == "ort":
+        if band == "ort":  # the whole band runs on the dense engine: no activity needed
             guard.leave_dense_band()  # leaving the band re-seeds (the network was refreshed)
-            return "ort", act, guard
+            return "ort", None, guard
         if band != last and band == "ort-probe":
             guard.enter_dense_band(probe=True)
         elif band != last and last == "ort-probe":
             guard.leave_dense_band()
+        if prev is None or prev.shape != x.shape:
+            act = 1.0
+        elif guard.needs_activity():
+            with single_threaded():
+                act = activity(x, prev, floor)
+        else:
+            act = None  # a stay on the dense engine
         if prev is None and band == "units":
             return "reseed", act, guard
-        return guard.decide(act), act, guard  # type: ignore[arg-type]
+        return guard.decide(act), act, guard
 
     def share_dense_engine(self, other: Engine) -> None:
         """Run dense frames on `other`'s dense executors (one ONNX Runtime session and thread pool per input size for

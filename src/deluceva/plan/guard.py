@@ -161,8 +161,19 @@ class FrameGuard:
         return (self.ort - self.cost(a)) * self.horizon > self.seed - self.ort
 
     # -- decisions ---------------------------------------------------------------------------------------------
-    def decide(self, a: float) -> str:
-        """'delta' | 'ort' | 'reseed' for a frame of input activity `a` (the caller runs it and calls observe)."""
+    def needs_activity(self) -> bool:
+        """Whether `decide` reads this frame's activity: not during a stay on the dense engine (the caller may then
+        skip measuring it, ~0.5 ms of an ONNX Runtime frame's extra work)."""
+        return not (self.state == "ort" and self.stay > 0)
+
+    def decide(self, a: float | None) -> str:
+        """'delta' | 'ort' | 'reseed' for a frame of input activity `a` (the caller runs it and calls observe);
+        `a` may be None when `needs_activity()` is False."""
+        if not self.needs_activity():
+            self.stay -= 1
+            return "ort"
+        if a is None:
+            raise ValueError("FrameGuard.decide: this frame's activity is needed")
         calm = a <= self.calm_activity
         if self.state == "delta":
             if self._probing and len(self._recent) < 2:  # a probe measures before it judges
@@ -186,9 +197,6 @@ class FrameGuard:
             self._acts.append(a)
             self._last_a = a
             return "delta"
-        if self.stay > 0:
-            self.stay -= 1
-            return "ort"
         if calm and self.probe:
             self._probing = True
             return self._reseed()
