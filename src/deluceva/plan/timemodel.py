@@ -12,8 +12,8 @@ four counts describe the work, each one kernel's cost driver:
 A fifth term, `ran` (1 when the unit did any work in the frame, else 0), prices a call that runs apart from one that
 skips: at 90-95% most units skip most frames (~2 us), while a unit that runs at all pays a fixed cost of ~10-100 us
 (its kernel calls) on top of its per-count costs. With one fixed cost for both, the fit priced every running call
-of a busier frame low: YOLOv5n 768x448 at 75%, where units run in most frames, 0.72-0.75 of the measured network
-time, against 0.86-0.91 with the term (YOLOX-Nano 0.62-0.87 -> 0.83-1.05; same machine and hour, plan=auto).
+of a busier frame low: YOLOv5n 768x448 at 75%, where units run in most frames, 0.72-0.89 of the measured network
+time, against 0.86-0.98 with the term (YOLOX-Nano 0.62-0.87 -> 0.83-1.05; same machine and hour, plan=auto).
 
 Model per mode (delta, dense): ms = base[unit] + slopes[unit] . terms, fitted by non-negative least squares over
 every (frame, unit) of the profiling passes (about 85 units x 200 frames per mode for YOLOv5n); non-negative
