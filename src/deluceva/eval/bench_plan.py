@@ -164,6 +164,15 @@ def run_cell(det: Any, clip: Sequence[Any], imgsz: str | None, threads: int, pct
             "note": engines["mixed"].plan_note}
 
 
+def machine_drift(ort_ms_now: float, ort_ms_profiled: float | None) -> float | None:
+    """How much slower this machine runs now than when the profile was made: the dense engine's (ONNX Runtime's)
+    network ms per frame measured in this run over the profile's (content-independent: the same model on any frame).
+    On this 2-core VM the same delta frames measure up to ~30% apart minutes apart, so a prediction from a profile
+    taken in a faster minute reads low against a slower one's measurement; multiplying predicted / measured by this
+    factor compares them at one machine speed. None without the profile's dense-engine time."""
+    return ort_ms_now / ort_ms_profiled if ort_ms_profiled else None
+
+
 def summarise(cell: dict[str, Any], clip: Sequence[Any], cost: CostModel, pct: float) -> dict[str, Any]:
     """Row of the result table from one cell (see module docs)."""
     pf, info = cell["per_frame"], cell["info"]
@@ -181,6 +190,9 @@ def summarise(cell: dict[str, Any], clip: Sequence[Any], cost: CostModel, pct: f
     rel = None  # prediction relative to ONNX Runtime (cancels the load difference between profiling and now)
     if band.dense_ms:
         rel = (band.predicted_ms / band.dense_ms) / (statistics.fmean(net) / ort_net)
+    cost_ratio = (statistics.fmean(c for c, _ in by_cost) / statistics.fmean(m for _, m in by_cost)
+                  if by_cost else None)
+    drift = machine_drift(ort_net, cost.dense_engine_ms())
     swings = swing_positions(clip)
     sw_ratio = [pf["mixed"][i] / pf["ort"][i] for i in swings]
     ref = cell["dets"]["ort"]
@@ -196,8 +208,10 @@ def summarise(cell: dict[str, Any], clip: Sequence[Any], cost: CostModel, pct: f
         "pred_frames_over_measured": (statistics.fmean(pred) / statistics.fmean(net[-len(pred):])) if pred else None,
         "pred_rel_ort_over_measured": rel, "ort_net_ms_mean": ort_net,
         # the cost model on each delta frame's own unit modes and work fractions (mean over those frames)
-        "pred_cost_over_measured": (statistics.fmean(c for c, _ in by_cost) / statistics.fmean(m for _, m in by_cost)
-                                    if by_cost else None),
+        "pred_cost_over_measured": cost_ratio,
+        # the same with the machine's speed now vs at profiling time factored out (`machine_drift`)
+        "machine_drift": drift,
+        "pred_cost_over_measured_drift": None if cost_ratio is None or drift is None else cost_ratio * drift,
         "cost_model_frames": len(by_cost),
         "predicted_uniform_ms": {"all-dense": cost.predict(cost.uniform("dense"), pct),
                                  "all-delta": cost.predict(cost.uniform("delta"), pct),
@@ -268,11 +282,13 @@ def _print_table(rows: list[dict[str, Any]], console: Console) -> None:
     t = Table(title="Mixed plan vs all-dense, all-delta and ONNX Runtime (ort), end to end, ms/frame mean over "
                     "frames; mix/min = mixed / min(others) by mean (by median); pred/meas: the plan band's predicted "
                     "network ms / measured (rel. ORT: both as ratios to ONNX Runtime's); cost/meas: the cost model "
-                    "on each delta frame's unit modes and work fractions / measured; swing max: worst mixed/ort "
+                    "on each delta frame's unit modes and work fractions / measured (x drift: times ONNX Runtime's "
+                    "ms now / at profiling); swing max: worst mixed/ort "
                     "on exposure-swing frames; o/r/d: mixed frames on ONNX Runtime / re-seeds / delta; mAP@0.5 vs "
                     "ONNX Runtime")
     cols = ("model", "size", "thr", "video", "n", "filter", "band", "ort", "dense", "delta", "mixed",
-            "mix/min", "(median)", "pred/meas", "rel. ORT", "cost/meas", "swing max", "o/r/d", "mAP mix", "mAP delta")
+            "mix/min", "(median)", "pred/meas", "rel. ORT", "cost/meas", "x drift", "swing max", "o/r/d", "mAP mix",
+            "mAP delta")
     for c in cols:
         t.add_column(c, justify="right")
     for r in rows:
@@ -282,7 +298,7 @@ def _print_table(rows: list[dict[str, Any]], console: Console) -> None:
                   r["band"]["kind"], *(_f(m[e]) for e in ("ort", "all-dense", "all-delta", "mixed")),
                   f"{flag}{r['ratio_mean']:.2f}", f"{r['ratio_median']:.2f}", _f(r["pred_plan_over_measured"], ".2f"),
                   _f(r["pred_rel_ort_over_measured"], ".2f"), _f(r.get("pred_cost_over_measured"), ".2f"),
-                  _f(r["swing_ratio_max"], ".2f"),
+                  _f(r.get("pred_cost_over_measured_drift"), ".2f"), _f(r["swing_ratio_max"], ".2f"),
                   f"{d.get('ort', 0)}/{d.get('reseed', 0)}/{d.get('delta', 0)}", _f(r["map50_vs_ort"]["mixed"], ".2f"),
                   _f(r["map50_vs_ort"]["all-delta"], ".2f"))
     console.print(t)
