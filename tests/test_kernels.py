@@ -238,15 +238,38 @@ def test_filter_conserves_and_forwards_the_largest(backend, shape, seed):
             assert abs(share - (100.0 - pct)) <= 2.0
 
 
-def test_filter_backends_agree():
+@pytest.mark.parametrize("shape", [(1, 5, 16, 18), (1, 4, 160, 160)])  # the latter: radix selection (> 8192 pending)
+def test_filter_backends_agree(shape):
     if not HAVE_NUMBA:
         pytest.skip("numba not installed")
-    shape = (1, 5, 16, 18)
     seqs = [list(filter_sequence(b, shape, 8, 11)) for b in ("numba", "torch")]
     for (fa, *_, a), (fb, *_, b) in zip(*seqs, strict=True):
         assert torch.equal(a.index, b.index)
         assert torch.equal(a.values, b.values)
         assert torch.equal(fa.residual, fb.residual)
+
+
+def test_radix_selection_finds_the_partitions_kth_largest():
+    if not HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    from deluceva.delta.kernels.filter import RADIX_SELECT_MIN, kth_largest_nb
+
+    rng = np.random.default_rng(3)
+    n = RADIX_SELECT_MIN * 4
+    noise = np.abs(rng.standard_normal(n)).astype(np.float32) * np.float32(0.01)
+    noise[: n // 20] *= 300  # a few large changes over many codec-noise ones, as at a network input
+    cases = {
+        "mixed magnitudes": np.maximum(noise, np.float32(1e-7)),
+        "quantised (ties)": (rng.integers(1, 40, n) / np.float32(255)).astype(np.float32),
+        "all equal": np.full(n, 0.25, np.float32),
+        "one bin": (np.float32(1.0) + rng.random(n).astype(np.float32) * np.float32(1e-3)).astype(np.float32),
+        "just above the cut-over": np.abs(rng.standard_normal(RADIX_SELECT_MIN)).astype(np.float32) + 1e-6,
+    }
+    for name, mc in cases.items():
+        m = mc.size
+        for k in (1, 2, m // 20, m // 2, m - 1, m):
+            buf = np.concatenate([mc, rng.random(7).astype(np.float32)])  # only mc[:n] counts
+            assert kth_largest_nb(buf, m, k) == np.partition(mc, m - k)[m - k], (name, k)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

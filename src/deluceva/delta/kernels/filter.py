@@ -5,9 +5,10 @@ a candidate list of the pixels with m > 0, so that a frame costs O(changed pixel
 
 Per call: r[idx] += Δ and m[idx] = max_c |r[idx]|; among the candidates (m > 0) exactly k = round((100 - pct)
 / 100 * n_candidates) pixels with the largest m are chosen (with `of_positions`, a percentage of all pixels:
-k = min(n_candidates, round((100 - pct) / 100 * N*H*W))); k-th largest by partition over the candidates only,
-ties broken by candidate order; those with m <= noise_floor are dropped from the choice; the chosen
-pixels are emitted as a PixelDelta (sorted indices, their full residual rows) and r, m are zeroed there.
+k = min(n_candidates, round((100 - pct) / 100 * N*H*W))); k-th largest over the candidates only
+(`kth_largest_nb`: a histogram of the magnitudes' float bits, then a partition of the one bin holding it), ties
+broken by candidate order; those with m <= noise_floor are dropped from the choice; the chosen pixels are emitted
+as a PixelDelta (sorted indices, their full residual rows) and r, m are zeroed there.
 Nothing is lost: r_before + Δ == r_after + forwarded, bit for bit.
 """
 
@@ -39,6 +40,37 @@ def _accumulate_nb(idx, vals, r, m, in_cand, cand, ncand):
             cand[ncand] = p
             ncand += 1
     return ncand
+
+
+# Below this many candidates a plain partition is faster than the 65536-bin histogram (whose zeroing alone is ~10 us)
+RADIX_SELECT_MIN = 8192
+
+
+@jit
+def kth_largest_nb(mc, n, k):
+    """The k-th largest of mc[:n] (float32, all > 0 and finite; 1 <= k <= n), exactly `np.partition`'s value.
+    From RADIX_SELECT_MIN values on: a histogram of the top 16 bits of each value's bit pattern (sign, exponent and
+    7 mantissa bits: monotonic in the value for non-negative floats) finds the bin holding the k-th largest, and
+    only that bin's values are partitioned (118k candidates: ~0.2 ms where a partition of all takes ~1.2 ms)."""
+    if n < RADIX_SELECT_MIN:
+        return np.partition(mc[:n], n - k)[n - k]
+    bits = mc[:n].view(np.uint32)
+    hist = np.zeros(65536, np.int64)
+    for j in range(n):
+        hist[bits[j] >> 16] += 1
+    above = 0  # values in bins above b
+    b = 65535
+    while above + hist[b] < k:
+        above += hist[b]
+        b -= 1
+    sub = np.empty(hist[b], np.float32)
+    i = 0
+    for j in range(n):
+        if (bits[j] >> 16) == b:
+            sub[i] = mc[j]
+            i += 1
+    r = k - above  # the r-th largest within the bin
+    return np.partition(sub, i - r)[i - r]
 
 
 @jit
@@ -76,7 +108,7 @@ def _select_into_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, 
     if k <= 0:
         thr = np.float32(np.inf)
     elif k < n:
-        thr = np.partition(mc[:n], n - k)[n - k]  # k-th largest
+        thr = kth_largest_nb(mc, n, k)
         take_eq = k
         for j in range(n):
             if mc[j] > thr:
