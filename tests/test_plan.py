@@ -534,3 +534,18 @@ def test_bench_schedules_run_every_engine_on_every_frame_in_order(schedule, bloc
         pos += len(engines) * len(frames)
     with pytest.raises(ValueError, match="schedule must be one of"):
         run_order("round-robin", engines, 23, seed=0)
+
+
+def test_bench_runs_its_delta_engines_with_the_relative_floor(setup):
+    from deluceva.engine import Engine, EngineConfig
+    from deluceva.eval.bench_plan import _engines
+
+    det = setup[0]
+    ort = Engine(det, EngineConfig(mode="dense", imgsz="224x128", dense_engine="onnxruntime"))
+    engines = _engines(det, "224x128", 1, 50.0, ort, relative_floor=0.3)
+    assert {n: e.config.relative_floor for n, e in engines.items() if n != "ort"} == {
+        "mixed": 0.3, "all-dense": 0.3, "all-delta": 0.3}
+    assert {e.config.plan for n, e in engines.items() if n != "ort"} == {"auto", "dense", "delta"}
+    proc = subprocess.run([sys.executable, "-m", "deluceva.cli", "bench", "plan", "--relative-floor", "-0.5"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "--relative-floor must be >= 0" in proc.stderr and "Traceback" not in proc.stderr

@@ -303,12 +303,17 @@ def bench_plan(
              "clip: each engine runs the whole clip (default: frame with 1 thread, block with more: another "
              "runtime's spinning threads would slow the engine that follows)"
     )] = None,
+    relative_floor: Annotated[float, typer.Option(
+        help="The delta engines' --relative-floor (see detect; their plan comes from the profile made without it)"
+    )] = 0.0,
 ) -> None:
     """Mixed plan (plan=auto) vs all-dense, all-delta and ONNX Runtime, end to end, with predicted vs measured."""
     from deluceva.eval.bench_plan import SCHEDULES, run_plan_benchmark
 
     if frames < 2 or repeats < 1:
         raise DelucevaError("--frames must be >= 2 and --repeats >= 1")
+    if relative_floor < 0.0:
+        raise DelucevaError(f"--relative-floor must be >= 0, got {relative_floor}")
     if schedule is not None and schedule not in SCHEDULES:
         raise DelucevaError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     models_ = models_ or ["yolov5n", "yolox-nano"]
@@ -316,7 +321,7 @@ def bench_plan(
     out = out or Path(f"bench/results/plan_{'_'.join(models_)}.json")
     run_plan_benchmark(models_, sizes or ["768x448", "default"], threads or [1, 2],
                        [float(f) for f in filters.split(",")], videos, frames, start, repeats, profile_frames,
-                       reprofile, out, out_console, progress_bar, schedule)
+                       reprofile, out, out_console, progress_bar, schedule, relative_floor)
 
 
 @bench_app.command("ops", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
