@@ -309,12 +309,12 @@ def bench_plan(
     )] = 0.0,
 ) -> None:
     """Mixed plan (plan=auto) vs all-dense, all-delta and ONNX Runtime, end to end, with predicted vs measured."""
+    from deluceva.engine import EngineConfig
     from deluceva.eval.bench_plan import SCHEDULES, run_plan_benchmark
 
     if frames < 2 or repeats < 1:
         raise DelucevaError("--frames must be >= 2 and --repeats >= 1")
-    if relative_floor < 0.0:
-        raise DelucevaError(f"--relative-floor must be >= 0, got {relative_floor}")
+    EngineConfig(mode="delta", relative_floor=relative_floor)  # its check of the floor, before decoding or profiling
     if schedule is not None and schedule not in SCHEDULES:
         raise DelucevaError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     models_ = models_ or ["yolov5n", "yolox-nano"]
