@@ -343,6 +343,21 @@ def test_fused_state_step_matches_torch_path(name, state_dtype, precise, rows, c
     assert torch.equal(fused.z, ref.z)
 
 
+def test_row_state_adopts_only_channels_last_values_of_its_dtype():
+    """adopt=True takes a channels-last value of the state dtype as the rows themselves (a seeder's NHWC output: no
+    copy, updates land in it); NCHW values, another dtype, or adopt=False get their own rows with the same values."""
+    z = torch.randn(1, 8, 5, 6)
+    nhwc = z.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
+    adopted = RowState(nhwc, torch.float32, adopt=True)
+    assert adopted.z.data_ptr() == nhwc.data_ptr() and adopted.z.is_contiguous()
+    adopted.update(torch.tensor([7]), torch.ones(1, 8))
+    assert torch.equal(nhwc[0, :, 1, 1], z[0, :, 1, 1] + 1)  # row 7 = pixel (1, 1)
+    for value, dtype, adopt in [(z, torch.float32, True), (nhwc, torch.float64, True), (nhwc, torch.float32, False)]:
+        own = RowState(value, dtype, adopt=adopt)
+        assert own.z.data_ptr() != value.data_ptr()
+        torch.testing.assert_close(own.z, value.permute(0, 2, 3, 1).reshape(30, 8).to(dtype))
+
+
 def test_activation_code_covers_plain_calls_only():
     graph = fx.Graph()
     x = graph.placeholder("x")

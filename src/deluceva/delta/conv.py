@@ -208,7 +208,7 @@ class ConvUnit(Unit):
         self.f = elementwise_fn(self.act_node, self.node, env)
         self.act = activation_code(self.act_node, self.node)
         self.prune = self.act_node.target in FLAT
-        self.state = RowState(z, self.config.acc_dtype(z.dtype))
+        self.state = RowState(z, self.config.acc_dtype(z.dtype), adopt=True)  # z: given or computed here
         # conv + activation in one kernel call for few pixels (kernels' scatter convs, fused activation codes)
         self._fused_small = (self.act is not None and hasattr(self.op, "run_small_act")
                              and self.state.z_np is not None and z.dtype == torch.float32)

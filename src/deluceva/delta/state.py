@@ -66,13 +66,20 @@ def rows_of(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 class RowState:
-    """Accumulated full values z in dtype `acc` (default: x's dtype); `update(idx, Δ) -> (z_old, z_new)` at idx."""
+    """Accumulated full values z in dtype `acc` (default: x's dtype); `update(idx, Δ) -> (z_old, z_new)` at idx.
 
-    def __init__(self, x: torch.Tensor, acc: torch.dtype | None = None) -> None:
+    adopt: x is the caller's to give away (nobody else reads or writes it afterwards): a 4-D x already in
+    channels-last memory and in `acc` becomes the rows without a copy (a seeder's NHWC pre-activations: ~0.15 ms
+    per conv at 768x448)."""
+
+    def __init__(self, x: torch.Tensor, acc: torch.dtype | None = None, adopt: bool = False) -> None:
         self.dtype = x.dtype
         acc = acc or x.dtype
         self.rows = x.dim() == 4
-        if self.rows:
+        if self.rows and adopt and acc == x.dtype and x.permute(0, 2, 3, 1).is_contiguous():
+            n, c, h, w = x.shape
+            self.z = x.permute(0, 2, 3, 1).view(n * h * w, c)
+        elif self.rows:
             self.z = rows_of(x, acc)
         else:
             self.z = x.to(acc, copy=True)
