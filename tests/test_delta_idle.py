@@ -148,12 +148,14 @@ def test_engine_reuses_detections_when_nothing_changed() -> None:
     assert len(ref) == len(d3) and (abs(ref.scores - d3.scores) < 1e-3).all()
 
 
-def test_returned_outputs_are_never_shared_with_a_holder() -> None:
+@pytest.mark.parametrize("state_dtype", [torch.float64, torch.float32])
+def test_returned_outputs_are_never_shared_with_a_holder(state_dtype: torch.dtype) -> None:
     """Outputs are reused only once the caller let go of them: what a caller keeps (tensor, view, array) never
-    changes behind its back, and values stay exact on changed and idle frames."""
+    changes behind its back, and values stay exact on changed and idle frames. float64 state keeps the outputs as
+    rows and rewrites the mirror; float32 state adds the deltas to the mirror itself."""
     det, xs, _ = _clip(4)
-    net = convert(det.network, xs[0])
-    ref = convert(det.network, xs[0])
+    net = convert(det.network, xs[0], state_dtype=state_dtype)
+    ref = convert(det.network, xs[0], state_dtype=state_dtype)
     kept = []
     for i, x in enumerate([xs[0], xs[1], xs[1], xs[2], xs[3], xs[3], xs[2]]):
         out, want = net(x), ref(x)
