@@ -176,12 +176,47 @@ def test_percent_of_is_validated():
         EngineConfig(mode="delta", filter_of="pixels")
 
 
+def test_select_forward_percentage_of_at_least_a_count_floor():
+    mags = torch.arange(1.0, 41.0)  # 40 candidates
+    assert int(select_forward(mags, 50, 0, count_floor=30).sum()) == 20  # floor under the count: 50% of 40
+    keep = select_forward(mags, 50, 0, count_floor=60)  # 50% of 60 = 30: the 30 largest
+    assert int(keep.sum()) == 30 and bool(keep[-30:].all())
+    assert int(select_forward(mags, 50, 0, count_floor=100).sum()) == 40  # at most every candidate
+    assert int(select_forward(mags, 90, 0, total=100, count_floor=1000).sum()) == 10  # positions: no count floor
+
+
+def test_percentage_after_a_reseed_is_of_the_average_candidate_count(kernels):
+    """A re-seed clears what a filter holds, not its average candidate count: on the next frames the percentage is
+    of that average (count_smoothing), so the fresh changes are not held back at the full share; with
+    count_smoothing 0 the percentage is of the candidates now, as for a new filter."""
+    shape = (1, 8, 20, 24)
+    forwarded = {}
+    for smoothing in (0.1, 0.0):
+        g = torch.Generator().manual_seed(5)
+        f = PixelFilter(FilterConfig(filter_pct=75, count_smoothing=smoothing))
+        f.seed(torch.zeros(shape))
+        for _ in range(20):
+            f(_random_delta(shape, 0.3, g))
+        ref = f.count_ref
+        f.seed(torch.ones(shape))
+        f(_random_delta(shape, 0.05, g))
+        forwarded[smoothing] = f.forwarded
+        if smoothing:
+            assert ref > 2 * f.candidates  # many small residuals were waiting before the re-seed
+            assert abs(f.forwarded - min(f.candidates, 0.25 * int(ref))) <= 0.5  # 25% of the average (rounded)
+        else:
+            assert f.count_ref == 0.0 and abs(f.forwarded - 0.25 * f.candidates) <= 0.5
+    assert forwarded[0.1] > forwarded[0.0]
+
+
 def test_reseed_keeps_the_buffers_and_holds_nothing(kernels):
     """A re-seed of the same tensor clears what was held but keeps r, m and the kernel (no re-allocation, whose
-    page faults were paid in the following delta frames); it then filters exactly like a fresh filter."""
+    page faults were paid in the following delta frames); it then filters exactly like a fresh filter (with the
+    percentage of the candidates now: count_smoothing 0)."""
     g = torch.Generator().manual_seed(5)
     shape = (1, 8, 20, 24)
-    used, fresh = PixelFilter(FilterConfig(filter_pct=90)), PixelFilter(FilterConfig(filter_pct=90))
+    cfg = FilterConfig(filter_pct=90, count_smoothing=0.0)
+    used, fresh = PixelFilter(cfg), PixelFilter(cfg)
     used.seed(torch.zeros(shape))
     for _ in range(3):
         used(_random_delta(shape, 0.3, g))

@@ -47,6 +47,12 @@ class FilterConfig:
     percent_of: what filter_pct is a percentage of. "changes": every filter holds back that share of its granules
     with a pending delta, however few changed. "positions": of all its granules (unchanged ones count as held back),
     i.e. it forwards at most (100 - filter_pct)% of the tensor's positions, and every change while fewer changed.
+    count_smoothing: with "changes", the weight per call of each filter's average candidate count. A re-seed clears
+    what the filters hold, and the percentage would then hold back its share of the frame's fresh changes alone, far
+    more of the real motion than in the steady state, where the count includes the small residuals that wait. So
+    after a re-seed the percentage is of max(the granules pending now, the average count at the re-seed, decaying by
+    (1 - count_smoothing) per call) (YOLOv5n 768x448, pets video, 50% + relative floor 0.5, re-seed every 8 frames,
+    120 frames: mAP@0.5 against dense 0.72 -> 0.93). 0: always of the granules pending now.
     """
 
     filter_pct: float = 0.0
@@ -58,6 +64,7 @@ class FilterConfig:
     relative_floor: float = 0.0  # each filter's floor = relative_floor * std of its input at the last dense frame
     filtered_state_dtype: torch.dtype | None = torch.float32
     percent_of: str = "changes"  # filter_pct of what: "changes" (the granules with a pending delta) | "positions" (all)
+    count_smoothing: float = 0.1  # "changes": weight per call of the average candidate count carried over re-seeds
 
     @property
     def seed_state_dtype(self) -> torch.dtype:

@@ -22,11 +22,13 @@ from deluceva.delta.base import Delta, FilterConfig, pixels_from_dense, to_dense
 from deluceva.delta.pixels import PixelDelta
 
 
-def select_forward(mags: torch.Tensor, pct: float, noise_floor: float, total: int | None = None) -> torch.Tensor:
+def select_forward(mags: torch.Tensor, pct: float, noise_floor: float, total: int | None = None,
+                   count_floor: int = 0) -> torch.Tensor:
     """bool mask over candidate magnitudes (all > 0): the largest (100 - pct)% and > noise_floor. total: the
-    percentage is of that many granules (all positions; the candidates are some of them), not of the candidates."""
+    percentage is of that many granules (all positions; the candidates are some of them), not of the candidates;
+    count_floor: without total, the percentage is of at least that many (see `held_count`)."""
     n = mags.numel()
-    hold = held_count(pct, n, total)
+    hold = held_count(pct, n, total, count_floor)
     if hold <= 0:
         keep = torch.ones(n, dtype=torch.bool)
     elif hold >= n:
@@ -42,18 +44,21 @@ def select_forward(mags: torch.Tensor, pct: float, noise_floor: float, total: in
     return keep
 
 
-def held_count(pct: float, n: int, total: int | None = None) -> int:
+def held_count(pct: float, n: int, total: int | None = None, count_floor: int = 0) -> int:
     """How many of n candidates `select_forward` holds back by the percentage alone (of n, or of `total`
-    granules: then n minus the (100 - pct)% of total it forwards, at least 0)."""
+    granules: then n minus the (100 - pct)% of total it forwards, at least 0). count_floor: without total, a
+    percentage of max(n, count_floor) (FilterConfig.count_smoothing's average count)."""
     p = min(100.0, max(0.0, pct)) / 100.0
+    if total is None and count_floor > n:
+        total = count_floor
     if total is None:
         return int(round(p * n))
     return max(0, n - int(round((1.0 - p) * total)))
 
 
-def holds_all(pct: float, n: int, total: int | None = None) -> bool:
+def holds_all(pct: float, n: int, total: int | None = None, count_floor: int = 0) -> bool:
     """Whether `select_forward` at `pct` holds back every one of n candidates (by the percentage alone)."""
-    return held_count(pct, n, total) >= n
+    return held_count(pct, n, total, count_floor) >= n
 
 
 STD_SAMPLES = 1 << 12
@@ -72,6 +77,8 @@ def sample_std(x: torch.Tensor, samples: int = STD_SAMPLES) -> float:
 
 class _Stats:
     candidates = 0  # granules with a non-zero accumulated delta this frame
+    count_ref = 0.0  # average candidate count over earlier calls (FilterConfig.count_smoothing)
+    seed_floor = 0.0  # the percentage is of at least this many candidates: count_ref at the last seed, decaying
     forwarded = 0  # granules forwarded
     granules = 1  # granules in the tensor
     pending = False
@@ -82,7 +89,8 @@ class _Stats:
         """Whether a call without new delta would forward nothing and change nothing: nothing pending, the
         percentage holds back every pending granule (the granules left after the last call), or every pending
         granule is at or under the floor."""
-        return (not self.pending or holds_all(self.config.filter_pct, self.candidates - self.forwarded, self._total())
+        return (not self.pending or holds_all(self.config.filter_pct, self.candidates - self.forwarded, self._total(),
+                                              self._count_floor())
                 or self.held_max <= self._floor())
 
     def _floor(self) -> float:
@@ -97,6 +105,25 @@ class _Stats:
     def _total(self) -> int | None:
         """The granule count the percentage is of, None: of the candidates."""
         return self.granules if self._of_positions else None
+
+    def _count_floor(self) -> int:
+        """With a percentage of the candidates: it is of at least this many (the average count before the last
+        re-seed, decaying; see FilterConfig.count_smoothing)."""
+        return int(self.seed_floor)
+
+    def _carry_count(self) -> None:
+        """At a seed: the percentage is of at least the average candidate count so far, decaying from now."""
+        self.seed_floor = self.count_ref
+
+    def __call__(self, d: Delta) -> Delta:
+        """The forwarded part of the incoming delta d plus what was held (None: nothing forwarded); updates the
+        average candidate count and decays the count floor."""
+        out = self._filter(d)
+        a = self.config.count_smoothing
+        if a > 0.0:
+            self.count_ref += a * (self.candidates - self.count_ref)
+            self.seed_floor *= 1.0 - a
+        return out
 
     def skip(self) -> None:
         """Stand for a call without new delta when `quiet()`: the pending granules stay candidates, none forwarded."""
@@ -145,6 +172,7 @@ class PixelFilter(_Stats):
         self.shape = (n, c, h, w)
         self.dtype = x.dtype
         self.scale = sample_std(x)
+        self._carry_count()
         self.pending = False
         self.held_max = 0.0
 
@@ -194,7 +222,8 @@ class PixelFilter(_Stats):
             n = self._kf.num_candidates
             keep = min(1.0, max(0.0, (100.0 - self.config.filter_pct) / 100.0))
             total = self._total()  # the kernel set granules = m.numel() when it ran
-            return min(n, int(keep * (n if total is None else total) + 0.5)) == 0 or self.held_max <= self._floor()
+            basis = max(n, self._count_floor()) if total is None else total
+            return min(n, int(keep * basis + 0.5)) == 0 or self.held_max <= self._floor()
         return super().quiet()
 
     def skip(self) -> None:
@@ -210,7 +239,7 @@ class PixelFilter(_Stats):
                 self._kf.reuse_output = True  # the unit behind consumes the forwarded delta within the frame
         return self._kf or None
 
-    def __call__(self, d: Delta) -> PixelDelta | None:
+    def _filter(self, d: Delta) -> PixelDelta | None:
         cfg = self.config
         if d is None and not self.pending:
             self.candidates = self.forwarded = 0
@@ -246,7 +275,7 @@ class PixelFilter(_Stats):
         else:
             self.granules = self.m.numel()
             mags = self.m.index_select(0, cand)
-            keep = select_forward(mags, pct, floor, self._total())
+            keep = select_forward(mags, pct, floor, self._total(), self._count_floor())
             self.held_max = float(mags[~keep].max()) if bool((~keep).any()) else 0.0
             fwd = cand[keep]
             self.candidates, self.forwarded = int(cand.numel()), int(fwd.numel())
@@ -256,7 +285,7 @@ class PixelFilter(_Stats):
     def _kernel_select(self, kf: Any, d: Delta, pct: float, floor: float) -> PixelDelta | None:
         if d is not None and not isinstance(d, PixelDelta):
             d = pixels_from_dense(d)
-        out = kf(d, pct, floor, self.config.percent_of == "positions")
+        out = kf(d, pct, floor, self.config.percent_of == "positions", self._count_floor())
         self.held_max = kf.held_max
         remaining = kf.num_candidates
         self.granules = kf.pixels
@@ -283,7 +312,7 @@ class PixelFilter(_Stats):
         tmag.scatter_reduce_(0, tid, self.m.index_select(0, cand), "amax", include_self=True)
         tiles = tmag.nonzero().squeeze(1)
         self.granules = self.num_tiles
-        keep = select_forward(tmag.index_select(0, tiles), pct, floor, self._total())
+        keep = select_forward(tmag.index_select(0, tiles), pct, floor, self._total(), self._count_floor())
         keep_tile = torch.zeros(self.num_tiles, dtype=torch.bool)
         keep_tile[tiles[keep]] = True
         fwd = cand[keep_tile.index_select(0, tid)]
@@ -298,7 +327,7 @@ class PixelFilter(_Stats):
         mag = rows.abs()
         nz = mag > 0
         self.granules = self.r.numel()
-        keep_nz = select_forward(mag[nz], pct, floor, self._total())
+        keep_nz = select_forward(mag[nz], pct, floor, self._total(), self._count_floor())
         keep = torch.zeros_like(nz)
         keep[nz] = keep_nz
         self.candidates, self.forwarded = int(keep_nz.numel()), int(keep_nz.sum())
@@ -324,8 +353,9 @@ class DenseFilter(_Stats):
         self.r = torch.zeros(x.shape, dtype=x.dtype)
         self.granules = x.numel()
         self.pending = False
+        self._carry_count()
 
-    def __call__(self, d: Delta) -> torch.Tensor | None:
+    def _filter(self, d: Delta) -> torch.Tensor | None:
         cfg = self.config
         if d is None and not self.pending:
             self.candidates = self.forwarded = 0
@@ -337,7 +367,8 @@ class DenseFilter(_Stats):
             self.r = self.r + to_dense(d, self.r.shape, self.r.dtype)
         flat = self.r.reshape(-1)
         cand = flat.nonzero().squeeze(1)
-        keep = select_forward(flat.index_select(0, cand).abs(), cfg.filter_pct, cfg.noise_floor, self._total())
+        keep = select_forward(flat.index_select(0, cand).abs(), cfg.filter_pct, cfg.noise_floor, self._total(),
+                              self._count_floor())
         fwd = cand[keep]
         self.candidates, self.forwarded = int(cand.numel()), int(fwd.numel())
         self.pending = self.forwarded < self.candidates

@@ -400,7 +400,10 @@ class DeltaNetwork(nn.Module):
 
     # ---------------------------------------------------------------- state
     def reset(self) -> None:
-        """Forget all state: the next call runs dense."""
+        """Forget all state, the filters' average candidate counts included (a new stream): the next call runs
+        dense."""
+        for f in self._filters:
+            f.count_ref = f.seed_floor = 0.0
         self._x: torch.Tensor | None = None
         self._outs: dict[fx.Node, _Output] = {}
         self._dense_next = True
@@ -416,7 +419,8 @@ class DeltaNetwork(nn.Module):
         self._stats_cache: tuple[int, list[dict[str, Any]]] | None = None
 
     def refresh(self) -> None:
-        """Make the next call run dense and re-seed every unit's state."""
+        """Make the next call run dense and re-seed every unit's state (the filters keep their average candidate
+        counts: FilterConfig.count_smoothing)."""
         self._dense_next = True
 
     # ---------------------------------------------------------------- run

@@ -4,7 +4,8 @@ State (persistent, channels-last): residual rows r (N*H*W, C), per-pixel magnitu
 a candidate list of the pixels with m > 0, so that a frame costs O(changed pixels), never O(tensor).
 
 Per call: r[idx] += Δ and m[idx] = max_c |r[idx]|; among the candidates (m > 0) exactly k = round((100 - pct)
-/ 100 * n_candidates) pixels with the largest m are chosen (with `of_positions`, a percentage of all pixels:
+/ 100 * max(n_candidates, count_floor)) pixels (at most all) with the largest m are chosen (count_floor: an
+average candidate count, FilterConfig.count_smoothing; with `of_positions`, a percentage of all pixels:
 k = min(n_candidates, round((100 - pct) / 100 * N*H*W))); k-th largest over the candidates only
 (`kth_largest_nb`: a histogram of the magnitudes' float bits, then a partition of the one bin holding it), ties
 broken by candidate order; those with m <= noise_floor are dropped from the choice; the chosen pixels are emitted
@@ -74,18 +75,18 @@ def kth_largest_nb(mc, n, k):
 
 
 @jit
-def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch):
+def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, count_floor):
     """Choose, forward and clear pixels (see module doc). Returns (sorted index, rows, new candidate count, largest
     magnitude held back)."""
     fidx = np.empty(ncand, np.int64)
     out = np.empty((ncand, r.shape[1]), r.dtype)
     nf, keep, held_max = _select_into_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, fidx,
-                                         out)
+                                         out, count_floor)
     return fidx[:nf], out[:nf], keep, held_max
 
 
 @jit
-def _select_into_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, fidx, out):
+def _select_into_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, fidx, out, count_floor):
     """`_select_nb` writing the forwarded pixels into fidx[:nf] and their rows into out[:nf] (both at least ncand
     long): returns (nf, new candidate count, largest magnitude held back), no array to box (~1 us each)."""
     # drop candidates whose magnitude went back to exactly 0, gathering the others' magnitudes in the same pass
@@ -100,7 +101,7 @@ def _select_into_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, 
             n += 1
         else:
             in_cand[p] = 0
-    k = int(np.floor(keep_frac * (m.shape[0] if of_positions else n) + 0.5))
+    k = int(np.floor(keep_frac * (m.shape[0] if of_positions else max(n, count_floor)) + 0.5))
     k = min(k, n)
     # chosen: mc > thr, plus the first take_eq candidates with mc == thr (ties in candidate order), minus <= floor
     thr = np.float32(-1.0)  # k >= n: every candidate
@@ -153,11 +154,13 @@ def _select_into_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, 
 
 
 @jit
-def _filter_into_nb(idx, vals, r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, fidx, out):
+def _filter_into_nb(idx, vals, r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, fidx, out,
+                    count_floor):
     """`_accumulate_nb` then `_select_into_nb` in one call (one dispatch per filter and frame, scalars returned):
     fidx, out must hold ncand + len(idx) rows. Returns (forwarded count, new candidate count, largest held)."""
     ncand = _accumulate_nb(idx, vals, r, m, in_cand, cand, ncand)
-    return _select_into_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, fidx, out)
+    return _select_into_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, fidx, out,
+                           count_floor)
 
 
 class PixelFilter:
@@ -260,9 +263,10 @@ class PixelFilter:
         self._in_cand_t[new] = True
         self._cand_t = torch.cat([self._cand_t, new])
 
-    def select(self, pct: float, noise_floor: float = 0.0, of_positions: bool = False) -> PixelDelta:
-        """Forward the largest (100 - pct)% of the candidates (of all pixels if `of_positions`, at most every
-        candidate), minus those <= noise_floor; clear them."""
+    def select(self, pct: float, noise_floor: float = 0.0, of_positions: bool = False, count_floor: int = 0
+               ) -> PixelDelta:
+        """Forward the largest (100 - pct)% of the candidates (of max(candidates, count_floor); of all pixels if
+        `of_positions`; at most every candidate), minus those <= noise_floor; clear them."""
         keep_frac = min(1.0, max(0.0, (100.0 - float(pct)) / 100.0))
         if self.backend == "numba":
             if self._ncand == 0:
@@ -278,18 +282,19 @@ class PixelFilter:
                 bool(of_positions),
                 np.float32(noise_floor),
                 self._scratch,
+                int(count_floor),
             )
             self.held_max = float(held)
             return PixelDelta(fidx, out, self.shape)
-        return self._select_torch(keep_frac, noise_floor, of_positions)
+        return self._select_torch(keep_frac, noise_floor, of_positions, count_floor)
 
-    def __call__(self, delta: PixelDelta | None, pct: float, noise_floor: float = 0.0, of_positions: bool = False
-                 ) -> PixelDelta:
+    def __call__(self, delta: PixelDelta | None, pct: float, noise_floor: float = 0.0, of_positions: bool = False,
+                 count_floor: int = 0) -> PixelDelta:
         """accumulate(delta) (None: nothing new), then select."""
         if self.backend != "numba" or (delta is None and self._ncand == 0):
             if delta is not None:
                 self.accumulate(delta)
-            return self.select(pct, noise_floor, of_positions)
+            return self.select(pct, noise_floor, of_positions, count_floor)
         keep_frac = min(1.0, max(0.0, (100.0 - pct) / 100.0))
         if delta is None:
             idx, vals, need = self._no_index, self._no_values, self._ncand
@@ -302,7 +307,7 @@ class PixelFilter:
             self._floor_key, self._floor32 = noise_floor, np.float32(noise_floor)
         nf, self._ncand, held = _filter_into_nb(idx, vals, self._r, self._m, self._in_cand, self._cand, self._ncand,
                                                 keep_frac, of_positions, self._floor32, self._scratch, self._fidx,
-                                                self._fout)  # fmt: skip
+                                                self._fout, count_floor)  # fmt: skip
         self.held_max = float(held)
         # views of buffers the next call overwrites: valid until this filter runs again (the network consumes a
         # filter's output within the frame); copied for callers that keep outputs (reuse_output False)
@@ -311,14 +316,15 @@ class PixelFilter:
             fidx, fout = fidx.copy(), fout.copy()
         return PixelDelta(fidx, fout, self.shape)
 
-    def _select_torch(self, keep_frac: float, noise_floor: float, of_positions: bool = False) -> PixelDelta:
+    def _select_torch(self, keep_frac: float, noise_floor: float, of_positions: bool = False, count_floor: int = 0
+                      ) -> PixelDelta:
         cand = self._cand_t
         mc = self.magnitude.index_select(0, cand)
         pos = mc.gt(0)
         self._in_cand_t[cand[~pos]] = False
         cand, mc = cand[pos], mc[pos]
         n = cand.numel()
-        k = min(n, int(np.floor(keep_frac * (self.magnitude.numel() if of_positions else n) + 0.5)))
+        k = min(n, int(np.floor(keep_frac * (self.magnitude.numel() if of_positions else max(n, count_floor)) + 0.5)))
         chosen = torch.zeros(n, dtype=torch.bool)
         if k >= n:
             chosen[:] = True
