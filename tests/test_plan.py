@@ -360,6 +360,26 @@ def test_guard_rents_slightly_slower_frames_before_throwing_the_state_away():
     assert guard.decide(busy) == "ort"
 
 
+def test_guard_keeps_the_delta_network_after_a_renewal_when_the_profile_overprices_it():
+    """A band the profile prices at 1.5x the dense engine (e.g. made without the relative floor the engine runs
+    with) whose probe measured 10 ms delta frames: when the backlog makes a renewal re-seed pay, the frame after it
+    is predicted from the first delta frames after earlier re-seeds, not the profile, so the guard stays on the
+    delta network instead of fleeing to the dense engine for 8-32 frames."""
+    from deluceva.plan.guard import PROBE_STAY
+
+    guard = FrameGuard(DeltaCost(60.0, 80.0, 0.02), ort_ms=40.0, seed_ms=60.0)
+    guard.enter_dense_band(probe=True)
+    decisions: list[str] = []
+    for _ in range(80):
+        d = guard.decide(0.02)
+        decisions.append(d)
+        since = len(decisions) - 1 - _last(decisions, "reseed")
+        guard.observe(d, {"ort": 40.0, "reseed": 60.0, "delta": 8.0 + 1.0 * since}[d])
+    after = decisions[PROBE_STAY:]
+    assert after.count("reseed") >= 3  # the probe's re-seed, then renewals
+    assert "ort" not in after
+
+
 def test_engines_share_one_dense_session_only_when_they_run_it_alike(setup):
     from deluceva.engine import Engine, EngineConfig
 

@@ -241,13 +241,16 @@ class Engine:
 
     def _guard_decision(self, plan: Any, x: torch.Tensor, floor: float) -> tuple[str, float | None, Any]:
         """('delta' | 'ort' | 'reseed', input activity or None, the guard or None) for this frame and plan band."""
-        from deluceva.plan.guard import PROBE_RATIO, DeltaCost, FrameGuard, activity
+        from deluceva.plan.guard import PROBE_RATIO, PROBE_STAY, DeltaCost, FrameGuard, activity
 
         if plan is None or plan.dense_ms is None or self._input_hw not in self._dense:
             return "delta", None, None
         prev = self._x_prev
         band = plan.kind
-        if band == "ort" and plan.delta_ms is not None and plan.delta_ms < PROBE_RATIO * plan.dense_ms:
+        # the profile is made without floors: with a relative floor its delta times are upper bounds, so a band it
+        # put on the dense engine is always probed, from the first frames
+        floored = self.config.relative_floor > 0.0 and self.filter_pct > 0.0
+        if band == "ort" and plan.delta_ms is not None and (floored or plan.delta_ms < PROBE_RATIO * plan.dense_ms):
             band = "ort-probe"  # predicted close to the dense engine on the profile clip: worth probing here
         now = self._dense_ms or float(plan.dense_ms)
         load = min(2.0, max(0.5, now / float(plan.dense_ms)))  # profile times -> this machine's load now
@@ -262,7 +265,7 @@ class Engine:
             guard.leave_dense_band()  # leaving the band re-seeds (the network was refreshed)
             return "ort", None, guard
         if band != last and band == "ort-probe":
-            guard.enter_dense_band(probe=True)
+            guard.enter_dense_band(probe=True, stay=0 if floored else PROBE_STAY)
         elif band != last and last == "ort-probe":
             guard.leave_dense_band()
         if prev is None or prev.shape != x.shape:

@@ -6,9 +6,12 @@ previous frame exceeds the input noise floor; `activity`, ~0.3 ms), the measured
 the dense engine and of seeding frames.
 
 Predicted delta-frame ms = recent measured delta ms (median of the last 3) plus the activity bump
-`DeltaCost(a) - DeltaCost(a_recent)` (their median activity; no bump below it; the profile's `DeltaCost(a)` before
-any delta frame): the profile's cost rises linearly from its typical activity a0 through the cost it measured on a
-synthetic exposure swing (the last profile frame 6% brighter) at that frame's activity. Rules (`FrameGuard.decide`):
+`DeltaCost(a) - DeltaCost(a_recent)` (their median activity; no bump below it). Right after a re-seed the base is
+the first delta frames after earlier re-seeds instead (a fresh state's measured cost: the profile's can be far off,
+e.g. with a relative floor the profile was not made with, and a renewal re-seed then sent the guard to the dense
+engine for 8-32 frames); before any delta frame it is the profile's `DeltaCost(a)`. The profile's cost rises
+linearly from its typical activity a0 through the cost it measured on a synthetic exposure swing (the last profile
+frame 6% brighter) at that frame's activity. Rules (`FrameGuard.decide`):
 
 - swing: a frame predicted above `limit` (1.1) x the dense engine runs there ("ort"); one predicted between 1x and
   1.1x does so once the excess paid over the dense engine since the last cheap frames exceeds a re-seed's extra
@@ -118,6 +121,7 @@ class FrameGuard:
     _ort: deque = field(default_factory=lambda: deque(maxlen=15))
     _seed: deque = field(default_factory=lambda: deque(maxlen=5))
     _recent: deque = field(default_factory=lambda: deque(maxlen=3))
+    _fresh: deque = field(default_factory=lambda: deque(maxlen=3))  # (ms, a) of delta frames right after re-seeds
     _acts: deque = field(default_factory=lambda: deque(maxlen=101))
 
     def __post_init__(self) -> None:
@@ -143,11 +147,14 @@ class FrameGuard:
 
     def delta_ms(self, a: float) -> float:
         """Predicted ms of a delta frame of activity `a` from the current state: the recent delta frames' median ms
-        plus the profile's extra cost of `a` over their median activity (none when `a` is lower)."""
-        if not self._recent:
+        plus the profile's extra cost of `a` over their median activity (none when `a` is lower). Right after a
+        re-seed (no delta frame since), the same from the first delta frames after earlier re-seeds (a fresh
+        state's cost: the profile's may be far off, e.g. with a relative floor), else the profile's."""
+        frames = self._recent or self._fresh
+        if not frames:
             return self.cost(a)
-        base = median(ms for ms, _ in self._recent)
-        return base + max(0.0, self.cost(a) - self.cost(median(x for _, x in self._recent)))
+        base = median(ms for ms, _ in frames)
+        return base + max(0.0, self.cost(a) - self.cost(median(x for _, x in frames)))
 
     def predict(self, decision: str, a: float | None) -> float:
         """Predicted ms of this frame run as `decision`."""
@@ -204,12 +211,12 @@ class FrameGuard:
             return self._reseed()
         return "ort"
 
-    def enter_dense_band(self, probe: bool) -> None:
-        """The running plan band changed to one on the dense engine: stay there (the back-off, at least
-        `PROBE_STAY` frames), probing the delta network afterwards when `probe`."""
+    def enter_dense_band(self, probe: bool, stay: int = PROBE_STAY) -> None:
+        """The running plan band changed to one on the dense engine: stay there (the back-off, at least `stay`
+        frames), probing the delta network afterwards when `probe`."""
         self.probe = probe
-        self.backoff = max(self.backoff, PROBE_STAY)
-        self._to_ort(PROBE_STAY)
+        self.backoff = max(self.backoff, stay)
+        self._to_ort(stay)
 
     def leave_dense_band(self) -> None:
         """The running band changed to a unit plan: back to the delta network (the stale state re-seeds)."""
@@ -227,6 +234,8 @@ class FrameGuard:
             self._recent.clear()
         elif decision == "delta":
             self._recent.append((ms, self._last_a))
+            if self._cycle_n == 1:  # the first delta frame after a re-seed
+                self._fresh.append((ms, self._last_a))
             self._cycle_ms += ms
             self._cycle_n += 1
             self._excess = max(0.0, self._excess + ms - self.ort)
