@@ -340,6 +340,27 @@ def test_engine_exact_at_filter_0_across_ort_delta_ort(setup, tmp_path, monkeypa
                    ("reseed", "refresh"), ("delta", "delta"), ("delta", "delta"), ("ort", "dense")]
 
 
+def test_with_a_relative_floor_dense_engine_bands_are_probed_from_the_first_frames(setup, tmp_path):
+    """The profile is made without floors, so with a relative floor a band it put on the dense engine is a guess:
+    the engine probes the delta network after at most 2 dense-engine frames. Without a floor such a band (its unit
+    plan far slower than the dense engine) stays on the dense engine."""
+    from deluceva.engine import Engine, EngineConfig
+
+    det, frames, _, prof = setup
+    path = make_planset(_with_dense_engine_ms(prof, 1e-3)).save(tmp_path / "plan.json")  # every band on ORT
+    runs = {}
+    for floor in (0.0, 0.3):
+        eng = Engine(det, EngineConfig(mode="delta", imgsz=f"{HW[1]}x{HW[0]}", filter_pct=50.0, plan=str(path),
+                                       relative_floor=floor))
+        eng.ensure_prepared((432, 768))
+        with torch.inference_mode():
+            for x in frames:
+                eng._run_delta(x)
+                runs.setdefault(floor, []).append(eng.last_plan_info["decision"])
+    assert set(runs[0.0]) == {"ort"}
+    assert "reseed" in runs[0.3][:3] and runs[0.3][0] == "ort"
+
+
 def test_guard_rents_slightly_slower_frames_before_throwing_the_state_away():
     """Frames up to 1.1x the dense engine stay on the delta network until the excess paid reaches a re-seed's extra
     cost (leaving refreshes the state); above 1.1x they leave at once."""
