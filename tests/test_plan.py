@@ -361,6 +361,32 @@ def test_with_a_relative_floor_dense_engine_bands_are_probed_from_the_first_fram
     assert "reseed" in runs[0.3][:3] and runs[0.3][0] == "ort"
 
 
+def test_guard_prices_busy_frames_from_measured_ones_and_scales_an_overpricing_profile():
+    """A codec keyframe (activity 0.3) after calm 20 ms delta frames: the profile (100 ms calm, 300 ms on a swing)
+    predicts 77 ms, above 1.1x the dense engine's 60 ms, so it runs there; with `scale_bump` (a relative floor the
+    profile was made without) its bump shrinks with the measured/predicted ratio (20/100: 31 ms) and the frame runs
+    as delta. Once measured, frames of about that activity are priced by it, not by the profile; a full-frame swing
+    nobody measured still goes by the profile."""
+    cost = DeltaCost(100.0, 300.0, 0.02)
+    runs = {}
+    for scale in (False, True):
+        guard = FrameGuard(cost, ort_ms=60.0, seed_ms=90.0, scale_bump=scale)
+        guard.observe("reseed", 90.0)
+        guard.observe("delta", 20.0)  # a first delta frame measured (as a probe does before it judges)
+        for _ in range(5):
+            assert guard.decide(0.02) == "delta"
+            guard.observe("delta", 20.0)
+        runs[scale] = guard.decide(0.3)
+    assert runs == {False: "ort", True: "delta"}
+    guard.observe("delta", 25.0)  # the scaled guard measured its keyframe
+    guard.scale_bump = False
+    for _ in range(5):
+        assert guard.decide(0.02) == "delta"
+        guard.observe("delta", 20.0)
+    assert guard.delta_ms(0.28) == 25.0 and guard.decide(0.28) == "delta"
+    assert guard.decide(1.0) == "ort"
+
+
 def test_guard_rents_slightly_slower_frames_before_throwing_the_state_away():
     """Frames up to 1.1x the dense engine stay on the delta network until the excess paid reaches a re-seed's extra
     cost (leaving refreshes the state); above 1.1x they leave at once."""

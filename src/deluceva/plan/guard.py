@@ -6,12 +6,17 @@ previous frame exceeds the input noise floor; `activity`, ~0.3 ms), the measured
 the dense engine and of seeding frames.
 
 Predicted delta-frame ms = recent measured delta ms (median of the last 3) plus the activity bump
-`DeltaCost(a) - DeltaCost(a_recent)` (their median activity; no bump below it). Right after a re-seed the base is
-the first delta frames after earlier re-seeds instead (a fresh state's measured cost: the profile's can be far off,
-e.g. with a relative floor the profile was not made with, and a renewal re-seed then sent the guard to the dense
-engine for 8-32 frames); before any delta frame it is the profile's `DeltaCost(a)`. The profile's cost rises
-linearly from its typical activity a0 through the cost it measured on a synthetic exposure swing (the last profile
-frame 6% brighter) at that frame's activity. Rules (`FrameGuard.decide`):
+`DeltaCost(a) - DeltaCost(a_recent)` (their median activity; no bump below it). When some of the last 32 delta
+frames had about the same activity (within `SIMILAR_ACTIVITY`), the larger of the recent median and theirs instead.
+With a relative floor, which the profile was made without, the bump is scaled by the recent ms over
+`DeltaCost(a_recent)` (`scale_bump`): the floors filter most of a busy frame's small changes (the person video's
+codec keyframes, activity ~0.3 every 10 frames, cost such a delta network little, yet the profile's bump sent each
+to the dense engine for 3 frames and a re-seed). Right after a re-seed the base is the first delta frames after
+earlier re-seeds instead (a fresh state's measured cost: with a relative floor the profile's is far off, and a
+renewal re-seed then sent the guard to the dense engine for 8-32 frames); before any delta frame it is the
+profile's `DeltaCost(a)`. The profile's cost rises linearly from its typical activity a0 through the cost it
+measured on a synthetic exposure swing (the last profile frame 6% brighter) at that frame's activity. Rules
+(`FrameGuard.decide`):
 
 - swing: a frame predicted above `limit` (1.1) x the dense engine runs there ("ort"); one predicted between 1x and
   1.1x does so once the excess paid over the dense engine since the last cheap frames exceeds a re-seed's extra
@@ -49,6 +54,7 @@ PROBE_RATIO = 1.3  # dense-engine bands whose unit plan is predicted below this 
 PROBE_STAY = 8  # frames on the dense engine before the first probe of such a band
 PROBE_LOSS = 1.2  # a probe's first delta frame above this x the dense engine loses it at once
 PROBE_BACKOFF = 4  # a lost probe multiplies the stay before the next one by this (8, 32, 128, 256 frames)
+SIMILAR_ACTIVITY = 0.25  # delta frames within this share of a frame's activity (+ 0.02) price it (`delta_ms`)
 
 
 def activity(x: torch.Tensor, prev: torch.Tensor, floor: float, step: int = 4) -> float:
@@ -94,7 +100,9 @@ class FrameGuard:
     reaches a re-seed's extra cost (ski rental: leaving throws the state away). horizon: frames over which a
     re-seed must pay for itself. min_stay: initial minimum number of frames on the dense engine after moving there.
     calm_floor: frames up to this activity always count as calm (people moving close to the camera are not a
-    swing). renew: apply the renewal rule (re-seed when the backlog makes it pay).
+    swing). renew: apply the renewal rule (re-seed when the backlog makes it pay). scale_bump: the profile is known
+    to overprice delta frames (a relative floor it was made without): its activity bump is scaled by the recent
+    frames' ms over its prediction for them.
     """
 
     cost: DeltaCost
@@ -107,6 +115,7 @@ class FrameGuard:
     calm_floor: float = 0.1
     renew: bool = True
     probe: bool = False
+    scale_bump: bool = False
     state: str = "delta"
     stay: int = 0
     backoff: int = 0
@@ -122,6 +131,7 @@ class FrameGuard:
     _seed: deque = field(default_factory=lambda: deque(maxlen=5))
     _recent: deque = field(default_factory=lambda: deque(maxlen=3))
     _fresh: deque = field(default_factory=lambda: deque(maxlen=3))  # (ms, a) of delta frames right after re-seeds
+    _seen: deque = field(default_factory=lambda: deque(maxlen=32))  # (ms, a) of the last delta frames
     _acts: deque = field(default_factory=lambda: deque(maxlen=101))
 
     def __post_init__(self) -> None:
@@ -147,14 +157,22 @@ class FrameGuard:
 
     def delta_ms(self, a: float) -> float:
         """Predicted ms of a delta frame of activity `a` from the current state: the recent delta frames' median ms
-        plus the profile's extra cost of `a` over their median activity (none when `a` is lower). Right after a
+        plus the profile's extra cost of `a` over their median activity (none when `a` is lower); when some of
+        the last 32 delta frames had about this activity, the larger of that median and theirs instead. Right after a
         re-seed (no delta frame since), the same from the first delta frames after earlier re-seeds (a fresh
         state's cost: the profile's may be far off, e.g. with a relative floor), else the profile's."""
         frames = self._recent or self._fresh
         if not frames:
             return self.cost(a)
         base = median(ms for ms, _ in frames)
-        return base + max(0.0, self.cost(a) - self.cost(median(x for _, x in frames)))
+        near = [ms for ms, x in self._seen if abs(x - a) <= SIMILAR_ACTIVITY * a + 0.02]
+        if near:  # delta frames of about this activity were measured: they, not the profile, price the bump
+            return max(base, median(near))
+        ref = self.cost(median(x for _, x in frames))
+        bump = max(0.0, self.cost(a) - ref)
+        if self.scale_bump and ref > 0.0:  # the profile overprices these frames: its bump too, by as much
+            bump *= min(1.0, base / ref)
+        return base + bump
 
     def predict(self, decision: str, a: float | None) -> float:
         """Predicted ms of this frame run as `decision`."""
@@ -234,6 +252,7 @@ class FrameGuard:
             self._recent.clear()
         elif decision == "delta":
             self._recent.append((ms, self._last_a))
+            self._seen.append((ms, self._last_a))
             if self._cycle_n == 1:  # the first delta frame after a re-seed
                 self._fresh.append((ms, self._last_a))
             self._cycle_ms += ms
