@@ -361,41 +361,30 @@ def test_with_a_relative_floor_dense_engine_bands_are_probed_from_the_first_fram
     assert "reseed" in runs[0.3][:3] and runs[0.3][0] == "ort"
 
 
-def test_guard_prices_busy_frames_from_measured_ones():
-    """Once a delta frame of some activity was measured, frames of about that activity are priced by it, not by the
-    profile's bump (here the profile predicts 46 ms at activity 0.3; one was measured at 70 ms)."""
-    guard = FrameGuard(DeltaCost(30.0, 120.0, 0.02), ort_ms=60.0, seed_ms=90.0)
-    guard.observe("reseed", 90.0)
-    guard.observe("delta", 20.0)  # a first delta frame measured (as a probe does before it judges)
+def test_guard_prices_busy_frames_from_measured_ones_and_scales_an_overpricing_profile():
+    """A codec keyframe (activity 0.3) after calm 20 ms delta frames: the profile (100 ms calm, 300 ms on a swing)
+    predicts 77 ms, above 1.1x the dense engine's 60 ms, so it runs there; with `scale_bump` (a relative floor the
+    profile was made without) its bump shrinks with the measured/predicted ratio (20/100: 31 ms) and the frame runs
+    as delta. Once measured, frames of about that activity are priced by it, not by the profile; a full-frame swing
+    nobody measured still goes by the profile."""
+    cost = DeltaCost(100.0, 300.0, 0.02)
+    runs = {}
+    for scale in (False, True):
+        guard = FrameGuard(cost, ort_ms=60.0, seed_ms=90.0, scale_bump=scale)
+        guard.observe("reseed", 90.0)
+        guard.observe("delta", 20.0)  # a first delta frame measured (as a probe does before it judges)
+        for _ in range(5):
+            assert guard.decide(0.02) == "delta"
+            guard.observe("delta", 20.0)
+        runs[scale] = guard.decide(0.3)
+    assert runs == {False: "ort", True: "delta"}
+    guard.observe("delta", 25.0)  # the scaled guard measured its keyframe
+    guard.scale_bump = False
     for _ in range(5):
         assert guard.decide(0.02) == "delta"
         guard.observe("delta", 20.0)
-    assert guard.delta_ms(0.3) == pytest.approx(20.0 + 90.0 * 0.28 / 0.98)
-    assert guard.decide(0.3) == "delta"
-    guard.observe("delta", 70.0)
-    assert guard.delta_ms(0.32) == 70.0 and guard.decide(0.32) == "ort"  # above 1.1x the dense engine
-
-
-def test_with_a_relative_floor_activity_counts_changes_above_the_input_floor(setup, tmp_path):
-    """With a relative floor the guard's activity counts the input pixels that change by more than the floor times
-    the input's std (the first filters' floor): codec-like noise of up to 8 grey levels on a third of the pixels is
-    busy at the plain 3-grey-level floor but not there."""
-    from deluceva.engine import Engine, EngineConfig
-
-    det, frames, _, prof = setup
-    path = make_planset(_with_dense_engine_ms(prof, 1e-3)).save(tmp_path / "plan.json")  # probed dense bands
-    g = torch.Generator().manual_seed(0)
-    x0 = frames[0]
-    noise = torch.randint(-8, 9, x0.shape, generator=g) * (torch.rand(x0.shape, generator=g) < 0.33)
-    noisy = ((x0 * 255 + noise).clamp(0, 255) / 255).to(x0.dtype)
-    assert activity(noisy, x0, 3 / 255) > 0.15
-    eng = Engine(det, EngineConfig(mode="delta", imgsz=f"{HW[1]}x{HW[0]}", filter_pct=50.0, plan=str(path),
-                                   relative_floor=0.2))
-    eng.ensure_prepared((432, 768))
-    with torch.inference_mode():
-        for x in (x0, x0, x0, noisy):
-            eng._run_delta(x)
-    assert eng.last_plan_info["decision"] == "delta" and eng.last_plan_info["activity"] < 0.01
+    assert guard.delta_ms(0.28) == 25.0 and guard.decide(0.28) == "delta"
+    assert guard.decide(1.0) == "ort"
 
 
 def test_guard_rents_slightly_slower_frames_before_throwing_the_state_away():

@@ -260,8 +260,7 @@ class Engine:
         if guard is None:
             guard = self._guard = FrameGuard(cost, now, load * float(plan.seed_ms or 3 * plan.dense_ms))
         guard.cost = cost.scaled(load)  # the running band's prediction (the filter may change between frames)
-        if floored:  # changes under the input's relative floor cost little: count those above it
-            floor = max(floor, self.config.relative_floor * float(getattr(self._delta, "input_std", 0.0)))
+        guard.scale_bump = floored
         last, self._band = self._band, band
         if band == "ort":  # the whole band runs on the dense engine: no activity needed
             guard.leave_dense_band()  # leaving the band re-seeds (the network was refreshed)

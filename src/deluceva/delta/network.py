@@ -37,7 +37,7 @@ from deluceva.delta.base import (
     to_dense,
 )
 from deluceva.delta.dense import RecomputeUnit, Replace, StaticUnit
-from deluceva.delta.filter import DenseFilter, PixelFilter, make_filter, sample_std
+from deluceva.delta.filter import DenseFilter, PixelFilter, make_filter
 from deluceva.delta.inputs import input_delta
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, lookup
@@ -415,7 +415,6 @@ class DeltaNetwork(nn.Module):
         self._env: list[Delta] = []
         self._frame = 0  # frames run since reset (keys the last_stats cache)
         self._deltas_since_seed = 0  # delta frames (idle ones not counted) since the last dense frame
-        self.input_std = 0.0  # std of the input at the last seed (a relative floor's scale at the input)
         self._seed_dtype = self.config.seed_state_dtype  # the state dtype of the last seed
         self._stats_cache: tuple[int, list[dict[str, Any]]] | None = None
 
@@ -514,7 +513,6 @@ class DeltaNetwork(nn.Module):
             for f in chain:
                 full[f] = out
         self._x = x.detach().clone()
-        self.input_std = sample_std(x) if isinstance(x, torch.Tensor) else 0.0
         self._outs = {n: _Output(full[n], self.config.seed_state_dtype) for n in self.out_nodes}
         self._seed_dtype = self.config.seed_state_dtype
         self._dense_next = False

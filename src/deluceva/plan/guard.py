@@ -8,14 +8,15 @@ the dense engine and of seeding frames.
 Predicted delta-frame ms = recent measured delta ms (median of the last 3) plus the activity bump
 `DeltaCost(a) - DeltaCost(a_recent)` (their median activity; no bump below it). When some of the last 32 delta
 frames had about the same activity (within `SIMILAR_ACTIVITY`), the larger of the recent median and theirs instead.
-Right after a re-seed the base is the first delta frames after earlier re-seeds instead (a fresh state's measured
-cost: with a relative floor the profile's is far off, and a renewal re-seed then sent the guard to the dense engine
-for 8-32 frames); before any delta frame it is the profile's `DeltaCost(a)`. The profile's cost rises linearly from
-its typical activity a0 through the cost it measured on a synthetic exposure swing (the last profile frame 6%
-brighter) at that frame's activity. With a relative floor the engine measures the activity at that floor's level at
-the input (the floor times the input's std, ~13 grey levels at 0.2): the floors filter the many small changes of a
-codec keyframe (activity ~0.3 at 3 grey levels every 10 frames on the person video), which the profile's bump had
-priced as a swing and sent to the dense engine for 3 frames and a re-seed. Rules (`FrameGuard.decide`):
+With a relative floor, which the profile was made without, the bump is scaled by the recent ms over
+`DeltaCost(a_recent)` (`scale_bump`): the floors filter most of a busy frame's small changes (the person video's
+codec keyframes, activity ~0.3 every 10 frames, cost such a delta network little, yet the profile's bump sent each
+to the dense engine for 3 frames and a re-seed). Right after a re-seed the base is the first delta frames after
+earlier re-seeds instead (a fresh state's measured cost: with a relative floor the profile's is far off, and a
+renewal re-seed then sent the guard to the dense engine for 8-32 frames); before any delta frame it is the
+profile's `DeltaCost(a)`. The profile's cost rises linearly from its typical activity a0 through the cost it
+measured on a synthetic exposure swing (the last profile frame 6% brighter) at that frame's activity. Rules
+(`FrameGuard.decide`):
 
 - swing: a frame predicted above `limit` (1.1) x the dense engine runs there ("ort"); one predicted between 1x and
   1.1x does so once the excess paid over the dense engine since the last cheap frames exceeds a re-seed's extra
@@ -99,7 +100,9 @@ class FrameGuard:
     reaches a re-seed's extra cost (ski rental: leaving throws the state away). horizon: frames over which a
     re-seed must pay for itself. min_stay: initial minimum number of frames on the dense engine after moving there.
     calm_floor: frames up to this activity always count as calm (people moving close to the camera are not a
-    swing). renew: apply the renewal rule (re-seed when the backlog makes it pay).
+    swing). renew: apply the renewal rule (re-seed when the backlog makes it pay). scale_bump: the profile is known
+    to overprice delta frames (a relative floor it was made without): its activity bump is scaled by the recent
+    frames' ms over its prediction for them.
     """
 
     cost: DeltaCost
@@ -112,6 +115,7 @@ class FrameGuard:
     calm_floor: float = 0.1
     renew: bool = True
     probe: bool = False
+    scale_bump: bool = False
     state: str = "delta"
     stay: int = 0
     backoff: int = 0
@@ -164,7 +168,11 @@ class FrameGuard:
         near = [ms for ms, x in self._seen if abs(x - a) <= SIMILAR_ACTIVITY * a + 0.02]
         if near:  # delta frames of about this activity were measured: they, not the profile, price the bump
             return max(base, median(near))
-        return base + max(0.0, self.cost(a) - self.cost(median(x for _, x in frames)))
+        ref = self.cost(median(x for _, x in frames))
+        bump = max(0.0, self.cost(a) - ref)
+        if self.scale_bump and ref > 0.0:  # the profile overprices these frames: its bump too, by as much
+            bump *= min(1.0, base / ref)
+        return base + bump
 
     def predict(self, decision: str, a: float | None) -> float:
         """Predicted ms of this frame run as `decision`."""
