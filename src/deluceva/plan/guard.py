@@ -157,8 +157,9 @@ class FrameGuard:
 
     def delta_ms(self, a: float) -> float:
         """Predicted ms of a delta frame of activity `a` from the current state: the recent delta frames' median ms
-        plus the profile's extra cost of `a` over their median activity (none when `a` is lower); when some of
-        the last 32 delta frames had about this activity, the larger of that median and theirs instead. Right after a
+        plus the profile's extra cost of `a` over their median activity (none when `a` is lower; with `scale_bump`
+        times their ms over the profile's for them, when below 1); when some of the last 32 delta frames had about
+        this activity, the larger of that median and theirs instead. Right after a
         re-seed (no delta frame since), the same from the first delta frames after earlier re-seeds (a fresh
         state's cost: the profile's may be far off, e.g. with a relative floor), else the profile's."""
         frames = self._recent or self._fresh
