@@ -252,6 +252,58 @@ def test_filter_backends_agree(shape):
         assert torch.equal(fa.residual, fb.residual)
 
 
+def test_filter_direct_path_agrees_with_the_torch_backend(monkeypatch):
+    """While the percentage binds nothing above the floor (a near-zero percentage with a floor), the numba filter
+    writes the new delta once (`_forward_direct_nb`); when the percentage binds it puts everything back and
+    selects as usual. Either way outputs and residuals equal the torch backend's, bit for bit."""
+    if not HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    import deluceva.delta.kernels.filter as kfilter
+
+    taken = []
+    direct = kfilter._forward_direct_nb
+
+    def spy(*args):
+        res = direct(*args)
+        taken.append(bool(res[3]))
+        return res
+
+    monkeypatch.setattr(kfilter, "_forward_direct_nb", spy)
+    shape = (1, 8, 40, 48)
+    fa, fb = PixelFilter(shape, backend="numba"), PixelFilter(shape, backend="torch")
+    # (pct, floor, count floor): the percentage binds at 50% and 90%, and 0.01% of many candidates holds one back
+    steps = [(0.01, 0.8, 0), (0.01, 0.8, 0), (0.0, 0.8, 0), (50.0, 0.8, 0), (0.01, 0.8, 0), (0.01, 0.8, 0),
+             (90.0, 0.0, 0), (0.0, 0.0, 0), (0.01, 0.0, 0), (0.01, 0.8, 2 * 40 * 48), (0.0, 0.8, 0)]
+    for i, (pct, floor, count_floor) in enumerate(steps):
+        d = random_delta(shape, [0.05, 0.3, 0.8][i % 3], bool(i % 2), 100 + i)
+        a = fa(d, pct, floor, count_floor=count_floor)
+        b = fb(d, pct, floor, count_floor=count_floor)
+        assert torch.equal(a.index, b.index), i
+        assert torch.equal(a.values, b.values), i
+        assert torch.equal(fa.residual, fb.residual), i
+        assert torch.equal(fa.magnitude, fa.residual.abs().amax(1)), i
+        assert fa.held_max == pytest.approx(fb.held_max), i
+        assert set(fa.candidates.tolist()) == set(fa.magnitude.gt(0).nonzero().squeeze(1).tolist()), i
+    assert True in taken and False in taken  # both the direct path and its undo ran
+
+
+def test_rows_to_planes_kernel_adds_and_copies():
+    if not HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    from deluceva.delta.kernels.planes import add_rows_to_planes_nb, no_copy
+
+    g = torch.Generator().manual_seed(5)
+    planes = torch.randn(255, 37 * 21, generator=g)
+    idx = torch.randperm(37 * 21, generator=g)[:300].sort().values
+    vals = torch.randn(300, 255, generator=g)
+    want = planes.clone().index_add_(1, idx, vals.t())
+    copy = planes.clone()
+    add_rows_to_planes_nb(planes.numpy(), idx.numpy(), vals.numpy(), copy.numpy())
+    assert torch.equal(planes, want) and torch.equal(copy, want)
+    add_rows_to_planes_nb(planes.numpy(), idx.numpy(), vals.numpy(), no_copy(255))
+    assert torch.equal(planes, want.index_add(1, idx, vals.t())) and torch.equal(copy, want)
+
+
 def test_radix_selection_finds_the_partitions_kth_largest():
     if not HAVE_NUMBA:
         pytest.skip("numba not installed")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from deluceva.delta import kernels_bridge
 from deluceva.delta.base import (
     UNIT_MODES,
     Delta,
@@ -113,6 +114,11 @@ class _Output:
                 self._last = None
             n, c, h, w = self.shape
             add = self.state is None  # mirror += Δ: the same float ops as rows of the working dtype would do
+            if add and n == 1 and self.dtype == torch.float32 and kernels_bridge.add_rows_to_planes(
+                    [t.view(c, h * w) for t in targets], d):
+                if self._last is not None:
+                    self._last_version = self._last._version
+                return
             vals = d.values.to(self.dtype) if add else self.state.update(d.index, d.values)[1]  # (A, C) working dtype
             for t in targets:
                 if n == 1:
