@@ -76,3 +76,46 @@ def test_auto_picks_dense_above_break_even_and_modes_are_validated() -> None:
         net.set_unit_modes({"no_such_unit": "dense"})
     with pytest.raises(ValueError):
         net.set_unit_modes({net.unit_names[0]: "sparse"})
+
+
+def test_dense_form_of_conv_units_matches_their_delta_form_in_a_filtered_run(monkeypatch) -> None:
+    """With filtering on, a conv + activation unit's dense form (dense conv, then the state and f only on the
+    non-zero output rows, one numba pass) gives the delta form's Δy and state on real filtered deltas."""
+    from deluceva.delta import kernels_bridge
+    from deluceva.delta.conv import ConvUnit
+
+    det, xs = _clip("yolov5n", "vtest_pets09_s2l1.avi", 6)
+    net = convert(det.network, xs[0], filter_pct=50.0, relative_floor=0.2)
+    fused = []
+    step_act_rows = kernels_bridge.step_act_rows
+    monkeypatch.setattr(kernels_bridge, "step_act_rows", lambda *a: fused.append(1) or step_act_rows(*a))
+    checked = []
+
+    def both_forms(unit: ConvUnit, dense_call):
+        def call(d):
+            if d is None:
+                return dense_call(d)
+            z0 = unit.state.z.clone()
+            want = ConvUnit.__call__(unit, d)
+            z_delta = unit.state.z.clone()
+            unit.state.z.copy_(z0)
+            got = dense_call(d)
+            scale = float(z0.abs().max())
+            torch.testing.assert_close(unit.state.z, z_delta, atol=1e-5 * scale, rtol=0)
+            if want is None or got is None:
+                assert want is None or float(want.values.abs().max()) <= 1e-5 * scale
+            else:
+                torch.testing.assert_close(got.to_dense(), want.to_dense(), atol=1e-5 * scale, rtol=0)
+            checked.append(unit.name)
+            return got
+        return call
+
+    with torch.inference_mode():
+        net(xs[0])
+        net.set_unit_modes(dict.fromkeys(net.unit_names, "dense"))
+        for u in net.units:
+            if isinstance(u, ConvUnit) and u.act_node is not None:
+                u.dense_call = both_forms(u, u.dense_call)
+        for x in xs[1:]:
+            net(x)
+    assert len(set(checked)) > 20 and fused

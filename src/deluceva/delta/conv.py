@@ -110,8 +110,9 @@ def conv_break_even(weight: torch.Tensor, groups: int, transpose: bool) -> float
     """Incoming active fraction above which the dense form of a conv is faster than the sparse kernel.
 
     From the per-operator benchmark (bench/results/ops.json, 1 thread), shifted up for the dense form's extra work
-    (state update and activation on every row, torch's slow dense conv of few-channel inputs): depthwise ~15%,
-    the RGB first conv and thin convs (Cin*K <= 150) ~25%, 1x1 ~40%, others ~50%.
+    (densifying the delta, finding the non-zero output rows): depthwise ~15%, 1x1 ~40%, others ~50%; the RGB first
+    conv and thin convs (Cin*K <= 150) ~10% (YOLOv5n's 6x6 RGB conv at 768x448: the gathered sparse form 3.7 ms at
+    10% clustered input pixels, the dense form 4-5 ms). A profile's measured break-evens replace these.
     """
     cin_g = weight.shape[0] // groups if transpose else weight.shape[1]
     k = weight.shape[2] * weight.shape[3]
@@ -119,7 +120,7 @@ def conv_break_even(weight: torch.Tensor, groups: int, transpose: bool) -> float
         return 0.15
     if k == 1:
         return 0.4
-    return 0.25 if cin_g * k <= 150 else 0.5
+    return 0.1 if cin_g * k <= 150 else 0.5
 
 
 class ConvUnit(Unit):
@@ -247,11 +248,15 @@ class ConvUnit(Unit):
             self.macs = 0
             return None
         self.macs = self.dense_macs
-        dz = self._dense_fn(d.to_dense())
+        dz = self._dense_fn(d.to_dense())  # channels-last in and out (the kernels' dense conv)
         n, c, h, w = dz.shape
         rows = dz.permute(0, 2, 3, 1).reshape(n * h * w, c)
         if self.act_node is None:
             return emit_all(rows, self.out_shape)
+        if self._fused_small and not self.config.exact and rows.dtype == torch.float32:
+            # the state and f only where the output delta is non-zero: one numba pass over the rows
+            idx, dy = kernels_bridge.step_act_rows(self.state.z_np, rows, self.act)
+            return emit_rows(idx, dy, self.out_shape, self.prune)
         return emit_all(self.state.step_all(rows, self.f, self.config.exact), self.out_shape)
 
 

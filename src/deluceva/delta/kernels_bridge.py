@@ -137,3 +137,21 @@ def add_rows_to_planes(targets: list[torch.Tensor], d: PixelDelta) -> bool:
     copy = planes[1] if len(planes) == 2 else m.no_copy(planes[0].shape[0])
     m.add_rows_to_planes_nb(planes[0], d.index_np, d.values_np, copy)
     return True
+
+
+_ROW_SCRATCH: dict[int, Any] = {}  # int64 work buffer per row count (step_act_rows)
+
+
+def step_act_rows(z: Any, rows: torch.Tensor, act: tuple[int, float]) -> tuple[Any, Any]:
+    """(index, Δy) NumPy arrays of the rows of a dense output delta `rows` (P, C) float32 with a non-zero entry,
+    their state rows z (P, C) float32 updated and Δy = f(z_new) - f(z_old) by the fused kernel (fast mode;
+    callers check that the kernels are on: ConvUnit's `_fused_small`)."""
+    import numpy as np
+
+    from deluceva.delta.kernels.actstep import step_act_rows_nb
+
+    p = rows.shape[0]
+    scratch = _ROW_SCRATCH.get(p)
+    if scratch is None:
+        scratch = _ROW_SCRATCH[p] = np.empty(p, np.int64)
+    return step_act_rows_nb(z, rows.contiguous().numpy(), act[0], act[1], scratch)

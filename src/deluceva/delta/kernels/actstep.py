@@ -76,6 +76,65 @@ def _act64(v, code, alpha):  # pragma: no cover - compiled
 
 
 @jit_vec
+def _step_fast(z, idx, d, at_rows, code, alpha, out):  # pragma: no cover - compiled
+    """Fast mode of `step_act_nb` into out (A, C): row i's delta is d[idx[i]] if at_rows (d: every row of the
+    tensor) else d[i]. f runs over blocks of rows gathered into L1-sized temporaries (vectorised)."""
+    a, c = out.shape
+    rb = max(1, ROW_BLOCK // c)
+    m = rb * c
+    xn = np.empty(m, np.float32)
+    xo = np.empty(m, np.float32)
+    yn = np.empty(m, np.float32)
+    yo = np.empty(m, np.float32)
+    e = np.empty(m, np.float32)
+    bits = np.empty(m, np.int32)
+    flat = out.reshape(a * c)
+    for i0 in range(0, a, rb):
+        nb = min(rb, a - i0)
+        for i in range(nb):
+            r = idx[i0 + i]
+            dr = r if at_rows else i0 + i
+            for j in range(c):
+                o = z[r, j]
+                nv = o + d[dr, j]
+                z[r, j] = nv
+                xn[i * c + j] = nv
+                xo[i * c + j] = o
+        n = nb * c
+        _act32(xn, yn, e, bits, n, code, alpha)
+        _act32(xo, yo, e, bits, n, code, alpha)
+        base = i0 * c
+        for j in range(n):
+            flat[base + j] = yn[j] - yo[j]
+
+
+@jit_vec
+def nonzero_rows_nb(rows, scratch):  # pragma: no cover - compiled
+    """Ascending indices of the rows of (P, C) with a non-zero entry (a row's scan stops at its first one);
+    scratch: int64 (P,) work. Returns a new array."""
+    k = 0
+    for p in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            if rows[p, j] != 0:
+                scratch[k] = p
+                k += 1
+                break
+    return scratch[:k].copy()
+
+
+@jit_vec
+def step_act_rows_nb(z, dz, code, alpha, scratch):  # pragma: no cover - compiled
+    """A dense conv's output delta dz (P, C) float32 on state rows z (P, C): at the rows of dz with a non-zero entry
+    z += dz and Δy = f(z_new) - f(z_old) (fast mode); elsewhere nothing changes (Δy = 0). Returns (index (A,),
+    Δy (A, C)) of those rows: one read of dz, the state and f touched only where the delta is (the torch path runs
+    f twice over every row and finds the non-zero rows again after)."""
+    idx = nonzero_rows_nb(dz, scratch)
+    out = np.empty((idx.shape[0], dz.shape[1]), np.float32)
+    _step_fast(z, idx, dz, True, code, alpha, out)
+    return idx, out
+
+
+@jit_vec
 def step_act_nb(z, idx, d, code, alpha, precise):  # pragma: no cover - compiled
     """z (R, C) float32|float64 state rows, idx (A,) int64 rows, d (A, C) float32 deltas -> Δy (A, C) float32;
     z[idx] += d in place. precise: f in z's dtype, else in float32."""
@@ -90,29 +149,5 @@ def step_act_nb(z, idx, d, code, alpha, precise):  # pragma: no cover - compiled
                 z[r, j] = nv
                 out[i, j] = _act64(nv, code, alpha) - _act64(o, code, alpha)
         return out
-    rb = max(1, ROW_BLOCK // c)
-    m = rb * c
-    xn = np.empty(m, np.float32)
-    xo = np.empty(m, np.float32)
-    yn = np.empty(m, np.float32)
-    yo = np.empty(m, np.float32)
-    e = np.empty(m, np.float32)
-    bits = np.empty(m, np.int32)
-    flat = out.reshape(a * c)
-    for i0 in range(0, a, rb):
-        nb = min(rb, a - i0)
-        for i in range(nb):
-            r = idx[i0 + i]
-            for j in range(c):
-                o = z[r, j]
-                nv = o + d[i0 + i, j]
-                z[r, j] = nv
-                xn[i * c + j] = nv
-                xo[i * c + j] = o
-        n = nb * c
-        _act32(xn, yn, e, bits, n, code, alpha)
-        _act32(xo, yo, e, bits, n, code, alpha)
-        base = i0 * c
-        for j in range(n):
-            flat[base + j] = yn[j] - yo[j]
+    _step_fast(z, idx, d, False, code, alpha, out)
     return out
