@@ -62,3 +62,59 @@ def test_fused_kernel_matches_torch_path(monkeypatch) -> None:
                     assert torch.equal(a.index, b.index) and torch.equal(a.values, b.values)
                     assert a.values.is_contiguous() and a.shape == b.shape
                 assert torch.equal(fused, plain)
+
+
+def test_typical_change_is_the_sampled_median_of_the_largest_channel_change() -> None:
+    import numpy as np
+
+    from deluceva.delta.inputs import InputMirror
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(10, 240, (60, 80, 3), dtype=np.uint8)
+    mirror = InputMirror(0, 0, (64, 80))
+    assert mirror.typical_change(img) is None  # nothing applied yet
+    mirror.seeded(img)
+    noisy = img.astype(np.int16)
+    noisy[..., 1] += 2  # every pixel: largest channel change 2
+    noisy[:20] += 50  # a third of the rows: a large change
+    assert mirror.typical_change(noisy.astype(np.uint8)) == 2
+    assert mirror.typical_change(noisy.astype(np.uint8), step=1) == 2
+    assert mirror.typical_change(img) == 0
+
+
+def test_adaptive_floor_holds_codec_keyframe_noise_and_keeps_exposure_changes() -> None:
+    """On the person video every 10th frame is a codec keyframe: it re-quantises every pixel by 1-3 grey levels.
+    With the adaptive floor that frame's input floor rises (3 x the median change, 2 levels) and far fewer input
+    pixels go through; frames with a median change of 0 keep the base floor; a global brightness change (median at
+    or above the base floor) keeps the base floor too."""
+    import numpy as np
+
+    from deluceva.engine import Engine, EngineConfig
+    from deluceva.video.frame import Frame
+
+    det = load_model("yolov5n")
+    with open_source(str(ROOT / "assets/video/one-by-one-person-detection.mp4"), max_frames=12) as src:
+        frames = list(src)
+    runs = {}
+    for k in (0.0, 3.0):
+        eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", filter_pct=0.01,
+                                       adaptive_floor=k, warmup=False))
+        floors, active = [], []
+        for f in frames:
+            eng.process(f)
+            floors.append(eng._input_floor_grey())
+            dx = eng.delta_network.last_input_delta
+            active.append(0 if dx is None else dx.active)
+        runs[k] = (floors, active)
+    assert runs[0.0][0][1:] == [3.0] * 11
+    assert runs[3.0][0][1:10] == [3.0] * 9 and runs[3.0][0][10] == 6.0
+    assert runs[3.0][1][10] < 0.5 * runs[0.0][1][10]  # the keyframe: most of its noise held back
+    assert runs[3.0][1][:10] == runs[0.0][1][:10]
+    # a global brightness change is signal: the base floor
+    eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", filter_pct=0.01,
+                                   warmup=False))
+    eng.process(frames[0])
+    eng.process(frames[1])
+    brighter = np.clip(frames[1].rgb.astype(np.int16) + 12, 0, 255).astype(np.uint8)
+    eng.process(Frame(index=2, pts_seconds=0.2, rgb=brighter))
+    assert eng._input_floor_grey() == 3.0

@@ -39,7 +39,12 @@ class EngineConfig:
     filter_pct: the delta network's target filtering percentage (0 = exact); refresh_every: in delta mode, run a
     dense frame every N frames to re-seed the state (None = never); dense_engine: auto|onnxruntime|torch-cl|torch.
     input_noise_floor: with filter_pct > 0, input changes up to this many grey levels (codec noise) wait until they
-    accumulate beyond it (converted with the detector's input_scale); relative_floor: with filter_pct > 0, every
+    accumulate beyond it (converted with the detector's input_scale); adaptive_floor: with filter_pct > 0, a frame
+    whose typical pixel changed by at least 1 but under input_noise_floor grey levels against the input the network
+    applied (the median, sampled) is codec noise, and its input floor is adaptive_floor x that median when higher
+    (a codec keyframe re-quantises every pixel by 1-3 levels: on the person video 30% of the input pixels passed a
+    3-level floor at each keyframe); a larger median is a global change (exposure) and keeps the base floor; 0: off.
+    relative_floor: with filter_pct > 0, every
     filter also holds back changes up to this fraction of its input's std. At filter_pct = 0 both are off (exact).
     filter_of: what filter_pct is a percentage of: "changes" (each filter's changed positions) or "positions" (all
     its positions: at most (100 - filter_pct)% forwarded, every change while fewer changed; FilterConfig.percent_of).
@@ -61,6 +66,7 @@ class EngineConfig:
     dense_engine: str = "auto"
     refresh_every: int | None = None
     input_noise_floor: float = 3.0
+    adaptive_floor: float = 3.0
     relative_floor: float = 0.0
     filter_of: str = "changes"
     plan: str = "auto"
@@ -76,6 +82,8 @@ class EngineConfig:
             raise DelucevaError(f"--filter must be in [0, 100), got {self.filter_pct}")
         if self.filter_of not in FILTER_OF:
             raise DelucevaError(f"--filter-of must be one of {', '.join(FILTER_OF)}, got {self.filter_of!r}")
+        if self.adaptive_floor < 0.0:
+            raise DelucevaError(f"adaptive_floor must be >= 0, got {self.adaptive_floor}")
         if self.relative_floor < 0.0:
             raise DelucevaError(f"--relative-floor must be >= 0, got {self.relative_floor}")
         if self.threads < 1:
@@ -105,6 +113,7 @@ class Engine:
         self._frames_since_dense = 0
         self.last_unit_stats: list[dict[str, Any]] = []
         self._mirror: InputMirror | None = None  # delta mode: uint8 copy of the network's applied input
+        self._frame_floor = self.config.input_noise_floor  # this frame's input floor (grey levels; _noise_floor_for)
         self.filter_pct = self.config.filter_pct  # the current target percentage (error control moves it)
         self._probe: ErrorProbe | None = None
         self._controller: PIController | None = None
@@ -297,10 +306,12 @@ class Engine:
         delta = self.config.mode == "delta"
         with single_threaded():  # small work between runs of the network (deluceva.threads)
             fitted = self.detector.fit(rgb, hw) if delta else None
+            self._frame_floor = self.config.input_noise_floor
             if fitted is None:
                 x, geo = self.detector.preprocess(rgb, hw)
             else:
                 img, geo = fitted
+                self._frame_floor = self._noise_floor_for(img)
                 idle = self._idle_frame(img, geo)
                 if idle is not None:
                     return idle, "delta"
@@ -340,8 +351,21 @@ class Engine:
         return every is not None and self._frames_since_dense >= every
 
     def _input_floor_grey(self) -> float:
-        """The input noise floor in grey levels at the current percentage (0: exact, every change goes through)."""
-        return self.config.input_noise_floor if self.filter_pct > 0.0 else 0.0
+        """The input noise floor in grey levels of this frame at the current percentage (0: exact, every change goes
+        through)."""
+        return self._frame_floor if self.filter_pct > 0.0 else 0.0
+
+    def _noise_floor_for(self, img: np.ndarray) -> float:
+        """The input floor in grey levels for the fitted uint8 image `img` (EngineConfig.adaptive_floor): the base
+        floor, or adaptive_floor x the typical change when that is codec noise."""
+        base, k = self.config.input_noise_floor, self.config.adaptive_floor
+        mirror = self._mirror
+        if k <= 0.0 or self.filter_pct <= 0.0 or mirror is None:
+            return base
+        typical = mirror.typical_change(img)
+        if typical is None or typical >= base:  # no applied input to compare with, or a global change
+            return base
+        return max(base, k * typical)
 
     def _idle_frame(self, img: np.ndarray, geo: Geometry) -> Detections | None:
         """The detections of a delta frame whose fitted uint8 image changes no pixel beyond the input floor against

@@ -108,6 +108,20 @@ def _max_absdiff_over_nb(u, a, limit):  # pragma: no cover - compiled
 
 
 @jit
+def _change_histogram_nb(u, a, step, hist):  # pragma: no cover - compiled
+    """hist[v] = number of sampled pixels (every `step`-th row and column) whose largest channel change |u - a| is
+    v grey levels (uint8 (H, W, C) images)."""
+    hist[:] = 0
+    h, w, c = u.shape
+    for i in range(0, h, step):
+        for j in range(0, w, step):
+            m = 0
+            for k in range(c):
+                m = max(m, abs(np.int16(u[i, j, k]) - np.int16(a[i, j, k])))
+            hist[m] += 1
+
+
+@jit
 def _mirror_update_nb(a, u, idx, top, left, canvas_w, canvas_hw):  # pragma: no cover - compiled
     """a[y, x] = u[y, x] at the image pixels of canvas pixel indices idx (batch 1; pad pixels skipped)."""
     h, w = a.shape[0], a.shape[1]
@@ -135,6 +149,7 @@ class InputMirror:
         self.top, self.left = top, left
         self.canvas_hw = canvas_hw
         self.image: np.ndarray | None = None
+        self._hist = np.zeros(256, np.int64)  # change_levels' work buffer
 
     @staticmethod
     def margin(floor_grey: float) -> int:
@@ -148,6 +163,17 @@ class InputMirror:
         h = img.shape[0]
         limit = self.margin(floor_grey)
         return not _max_absdiff_over_nb(np.ascontiguousarray(img).reshape(h, -1), a.reshape(h, -1), limit)
+
+    def typical_change(self, img: np.ndarray, step: int = 4) -> int | None:
+        """Median over the image's pixels (every `step`-th row and column: ~0.1 ms at 768x432) of the largest
+        channel change |img - mirror| in grey levels, or None when there is no mirror to compare with."""
+        a = self.image
+        if a is None or a.shape != img.shape or img.dtype != np.uint8 or not HAVE_NUMBA or img.ndim != 3:
+            return None
+        hist = self._hist
+        _change_histogram_nb(img, a, step, hist)
+        cum = np.cumsum(hist)
+        return int(np.searchsorted(cum, (cum[-1] + 1) // 2))
 
     def seeded(self, img: np.ndarray) -> None:
         self.image = np.array(img, dtype=np.uint8, copy=True) if img.dtype == np.uint8 else None
