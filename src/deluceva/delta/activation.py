@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from deluceva.delta import kernels_bridge
 from deluceva.delta.base import Delta, Env, Unit, given, nonzero_rows, pixels_from_dense, to_dense
 from deluceva.delta.kernels import actstep
 from deluceva.delta.pixels import PixelDelta
@@ -54,6 +55,12 @@ def emit_rows(idx: np.ndarray, vals: np.ndarray, shape: tuple, prune: bool) -> P
 
 def emit_all(vals: torch.Tensor, shape: tuple) -> PixelDelta | None:
     """PixelDelta of dense output rows (N*H*W, C): the rows with a non-zero entry; None when all are zero."""
+    idx = kernels_bridge.nonzero_row_index(vals)
+    if idx is not None:
+        if idx.shape[0] == 0:
+            return None
+        values = vals.numpy() if idx.shape[0] == vals.shape[0] else vals.numpy().take(idx, axis=0)
+        return PixelDelta(idx, values, shape)  # type: ignore[arg-type]
     sel = nonzero_rows(vals).nonzero().squeeze(1)
     if sel.numel() == 0:
         return None
