@@ -616,3 +616,34 @@ def test_bench_runs_its_delta_engines_with_the_relative_floor(setup):
     proc = subprocess.run([sys.executable, "-m", "deluceva.cli", "bench", "plan", "--relative-floor", "-0.5"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "--relative-floor must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_guard_ends_a_long_stay_on_the_dense_engine_when_the_scene_calms_to_where_delta_was_cheap():
+    """After people walk by, lost probes grow the stay on ONNX Runtime (up to 256 frames) although the calm scene
+    that follows runs the delta network at a fraction of ONNX Runtime's time. The stay ends once 3 frames in a row
+    had an activity at or under the level of the delta frames measured cheap (after at least PROBE_STAY frames);
+    busy frames never end it, and without cheap delta frames there is no such level and no activity is asked for."""
+    from deluceva.plan.guard import PROBE_STAY
+
+    guard = FrameGuard(DeltaCost(20.0, 80.0, 0.01), ort_ms=40.0, seed_ms=60.0)
+    assert guard.calm_level() is None
+    guard.observe("reseed", 60.0)
+    for a in (0.001, 0.002, 0.004, 0.003, 0.002, 0.05):  # calm delta frames at 5 ms, one busy at 60 ms
+        assert guard.decide(a) == "delta"
+        guard.observe("delta", 60.0 if a == 0.05 else 5.0)
+    assert guard.calm_level() == pytest.approx(0.003)  # upper quartile of the five cheap frames
+    guard.backoff = 128
+    guard._to_ort(2)
+    assert guard.needs_activity()
+    decisions = []
+    for a in [0.2] * 20 + [0.003, 0.01, 0.003, 0.002, 0.001]:  # people walking, then calm again
+        d = guard.decide(a)
+        decisions.append(d)
+        guard.observe(d, {"ort": 40.0, "reseed": 60.0, "delta": 5.0}[d])
+    assert decisions[:22] == ["ort"] * 22  # busy frames, then a calm run broken by 0.01
+    assert decisions[22:] == ["ort", "ort", "reseed"]
+    # a fresh guard without cheap delta frames: a stay runs its course and activity is not needed
+    fresh = FrameGuard(DeltaCost(20.0, 80.0, 0.01), ort_ms=40.0, seed_ms=60.0)
+    fresh.enter_dense_band(probe=True)
+    assert not fresh.needs_activity()
+    assert [fresh.decide(None) for _ in range(PROBE_STAY)] == ["ort"] * PROBE_STAY

@@ -33,6 +33,13 @@ measured on a synthetic exposure swing (the last profile frame 6% brighter) at t
 - repeated losses: when the delta network is measured slower than the dense engine within a few frames of a
   re-seed, the cycle is lost: the guard moves to the dense engine and the minimum stay there (after which it probes
   with a re-seed) doubles, up to 256 frames, so content the delta network cannot win on does not thrash.
+- early return: a stay on the dense engine (and its back-off, which grows with every lost probe) ends early when
+  EARLY_CALM_FRAMES frames in a row had an activity at or under the calm level the delta network was measured cheap
+  at (the upper quartile of the activity of the last 32 delta frames that cost at most CHEAP_RATIO x the dense
+  engine; at least 4 such frames), at least PROBE_STAY frames after the stay began: the frame then re-seeds and
+  probes. The person video (YOLOv5n, 0.01% + R 0.2, whole video): after people walked by, a lost probe kept the
+  engine on ONNX Runtime for up to 256 frames while all-delta frames measured 0.3-0.6x ONNX Runtime (1281 of 1394
+  frames on it). Activity is measured during such stays only once that level exists (~0.25 ms).
 - probing (`probe`, for plan bands that run on the dense engine although their unit plan is predicted within
   PROBE_RATIO of it: the prediction comes from the profile clip, and calmer content runs the same units much
   faster): after the stay on the dense engine, a calm frame re-seeds and two delta frames are measured (one when
@@ -55,6 +62,8 @@ PROBE_STAY = 8  # frames on the dense engine before the first probe of such a ba
 PROBE_LOSS = 1.2  # a probe's first delta frame above this x the dense engine loses it at once
 PROBE_BACKOFF = 4  # a lost probe multiplies the stay before the next one by this (8, 32, 128, 256 frames)
 SIMILAR_ACTIVITY = 0.25  # delta frames within this share of a frame's activity (+ 0.02) price it (`delta_ms`)
+CHEAP_RATIO = 0.5  # delta frames measured at most this x the dense engine's ms set the calm level of early returns
+EARLY_CALM_FRAMES = 3  # frames in a row at or under that level end a stay on the dense engine early
 
 
 def activity(x: torch.Tensor, prev: torch.Tensor, floor: float, step: int = 4) -> float:
@@ -123,6 +132,8 @@ class FrameGuard:
     _lost: bool = False
     _probing: bool = False
     _probe_lost: bool = False
+    _stayed: int = 0  # frames on the dense engine since the current stay began
+    _calm_run: int = 0  # frames in a row, during a stay, at or under the calm level
     _excess: float = 0.0
     _last_a: float = 0.0
     _cycle_ms: float = 0.0
@@ -133,6 +144,7 @@ class FrameGuard:
     _fresh: deque = field(default_factory=lambda: deque(maxlen=3))  # (ms, a) of delta frames right after re-seeds
     _seen: deque = field(default_factory=lambda: deque(maxlen=32))  # (ms, a) of the last delta frames
     _acts: deque = field(default_factory=lambda: deque(maxlen=101))
+    _cheap: deque = field(default_factory=lambda: deque(maxlen=32))  # activity of delta frames measured cheap
 
     def __post_init__(self) -> None:
         self.backoff = self.backoff or self.min_stay
@@ -187,15 +199,28 @@ class FrameGuard:
         return (self.ort - self.cost(a)) * self.horizon > self.seed - self.ort
 
     # -- decisions ---------------------------------------------------------------------------------------------
+    def calm_level(self) -> float | None:
+        """Activity at or under which the delta network was measured cheap (the upper quartile of the activity of
+        the last 32 delta frames that cost at most CHEAP_RATIO x the dense engine, however many costlier ones came
+        between), None with fewer than 4 such frames."""
+        cheap = sorted(self._cheap)
+        return cheap[(3 * len(cheap)) // 4] if len(cheap) >= 4 else None
+
     def needs_activity(self) -> bool:
-        """Whether `decide` reads this frame's activity: not during a stay on the dense engine (the caller may then
-        skip measuring it, ~0.5 ms of an ONNX Runtime frame's extra work)."""
-        return not (self.state == "ort" and self.stay > 0)
+        """Whether `decide` reads this frame's activity: not during a stay on the dense engine that cannot end
+        early (no calm level yet; the caller may then skip measuring it, ~0.5 ms of an ONNX Runtime frame's extra
+        work)."""
+        return not (self.state == "ort" and self.stay > 0) or self.calm_level() is not None
 
     def decide(self, a: float | None) -> str:
         """'delta' | 'ort' | 'reseed' for a frame of input activity `a` (the caller runs it and calls observe);
         `a` may be None when `needs_activity()` is False."""
-        if not self.needs_activity():
+        if self.state == "ort" and self.stay > 0:
+            self._stayed += 1
+            if a is not None and self._ends_early(a):
+                self.stay = 0
+                self._probing = True  # judged like a probe: two delta frames, back with the back-off if lost
+                return self._reseed()
             self.stay -= 1
             return "ort"
         if a is None:
@@ -230,6 +255,12 @@ class FrameGuard:
             return self._reseed()
         return "ort"
 
+    def _ends_early(self, a: float) -> bool:
+        """Whether this frame (activity `a`) ends the stay on the dense engine early (module docs: early return)."""
+        level = self.calm_level()
+        self._calm_run = self._calm_run + 1 if level is not None and a <= level else 0
+        return self._calm_run >= EARLY_CALM_FRAMES and self._stayed >= PROBE_STAY
+
     def enter_dense_band(self, probe: bool, stay: int = PROBE_STAY) -> None:
         """The running plan band changed to one on the dense engine: stay there (the back-off, at least `stay`
         frames), probing the delta network afterwards when `probe`."""
@@ -254,6 +285,8 @@ class FrameGuard:
         elif decision == "delta":
             self._recent.append((ms, self._last_a))
             self._seen.append((ms, self._last_a))
+            if ms <= CHEAP_RATIO * self.ort:  # kept apart: busy frames and lost probes do not push them out
+                self._cheap.append(self._last_a)
             if self._cycle_n == 1:  # the first delta frame after a re-seed
                 self._fresh.append((ms, self._last_a))
             self._cycle_ms += ms
@@ -281,3 +314,4 @@ class FrameGuard:
         if self.state == "delta" and self.probe and self._cycle_n and self._cycle_ms > self._cycle_n * self.ort:
             self.backoff = min(self.backoff * PROBE_BACKOFF, 256)  # this probe's cycle cost more than the dense engine
         self.state, self.stay = "ort", max(stay, self.backoff)
+        self._stayed = self._calm_run = 0
