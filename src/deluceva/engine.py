@@ -44,8 +44,8 @@ class EngineConfig:
     applied (the median, sampled) is codec noise, and its input floor is adaptive_floor x that median when higher
     (a codec keyframe re-quantises every pixel by 1-3 levels: on the person video 30% of the input pixels passed a
     3-level floor at each keyframe); a larger median is a global change (exposure) and keeps the base floor; 0: off.
-    relative_floor: with filter_pct > 0, every
-    filter also holds back changes up to this fraction of its input's std. At filter_pct = 0 both are off (exact).
+    relative_floor: with filter_pct > 0, every filter also holds back changes up to this fraction of its input's
+    std. At filter_pct = 0 all floors are off (exact).
     filter_of: what filter_pct is a percentage of: "changes" (each filter's changed positions) or "positions" (all
     its positions: at most (100 - filter_pct)% forwarded, every change while fewer changed; FilterConfig.percent_of).
     plan: delta mode's physical plan, auto | dense | delta | plan/profile file (see deluceva.plan).
