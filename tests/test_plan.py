@@ -3,6 +3,7 @@ with the profile, file round-trips, stale-profile detection, exactness while swi
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -237,7 +238,9 @@ def test_ort_band_where_the_delta_network_is_predicted_slower(setup, tmp_path):
     # the dearest percentage (0: nothing filtered) runs on ONNX Runtime, the cheapest on the delta network
     assert plans.for_pct(max(cycles, key=cycles.get)).kind == "ort"
     assert plans.for_pct(min(cycles, key=cycles.get)).kind == "units"
-    assert [k for _, _, k, _ in plans.summary()] in (["ort", "units"], ["units", "ort"], ["ort", "units", "ort"])
+    # the kinds in percentage order (neighbouring unit bands may differ in their modes: one run of each kind)
+    runs = [k for k, _ in itertools.groupby(k for _, _, k, _ in plans.summary())]
+    assert runs in (["ort", "units"], ["units", "ort"], ["ort", "units", "ort"])
     assert all(p.kind == "ort" for _, p in make_planset(_with_dense_engine_ms(prof, 1e-3)).bands)
     assert all(p.kind == "units" for _, p in make_planset(_with_dense_engine_ms(prof, 1e6)).bands)
     back = PlanSet.load(plans.save(tmp_path / "bands.json"))

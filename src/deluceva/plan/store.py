@@ -53,7 +53,8 @@ def cpu_model() -> str:
 # Bump when a change to the delta units or kernels makes earlier profiles' timings wrong: profiles stamped with
 # another revision are stale (re-profiled or reported). 2: contiguous state rows and the fused activation step.
 # 3: NumPy-backed deltas and one-call kernels for few pixels (lower fixed cost per unit).
-KERNELS_REVISION = 3
+# 4: the filter's direct path, the conv units' dense form on non-zero rows only (dense_ms of thin convs halved).
+KERNELS_REVISION = 4
 
 
 def library_versions() -> dict[str, str]:
