@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from deluceva.delta.kernels._jit import HAVE_NUMBA, jit
+from deluceva.delta.kernels._jit import HAVE_NUMBA, index_scratch, jit
 from deluceva.delta.pixels import PixelDelta
 
 
@@ -54,16 +54,6 @@ def _input_delta_nb(x, a, floor, scratch):  # pragma: no cover - compiled
     return idx, vals
 
 
-_SCRATCH: dict[int, np.ndarray] = {}  # work buffer per input size (pixels): indices of the changed pixels
-
-
-def _scratch(size: int) -> np.ndarray:
-    buf = _SCRATCH.get(size)
-    if buf is None:
-        buf = _SCRATCH[size] = np.empty(size, np.int64)
-    return buf
-
-
 def input_delta(x: torch.Tensor, applied: torch.Tensor, floor: float) -> PixelDelta | None:
     """PixelDelta of x (N, C, H, W) against `applied` (updated in place at the forwarded pixels); None if none.
 
@@ -72,7 +62,7 @@ def input_delta(x: torch.Tensor, applied: torch.Tensor, floor: float) -> PixelDe
     if (HAVE_NUMBA and x.dtype == torch.float32 and applied.dtype == torch.float32 and c > 0
             and x.is_contiguous() and applied.is_contiguous()):
         idx, vals = _input_delta_nb(x.detach().numpy().reshape(n, c, h * w), applied.numpy().reshape(n, c, h * w),
-                                    np.float32(floor), _scratch(n * h * w))
+                                    np.float32(floor), index_scratch(n * h * w))
         if idx.shape[0] == 0:
             return None
         return PixelDelta(idx, vals, (n, c, h, w))
@@ -149,17 +139,22 @@ class InputMirror:
         self.top, self.left = top, left
         self.canvas_hw = canvas_hw
         self.image: np.ndarray | None = None
-        self._hist = np.zeros(256, np.int64)  # change_levels' work buffer
+        self._hist = np.zeros(256, np.int64)  # typical_change's work buffer
 
     @staticmethod
     def margin(floor_grey: float) -> int:
         """Largest whole change in grey levels surely at or under an input floor of `floor_grey` grey levels."""
         return max(0, math.ceil(floor_grey - 0.5) - 1)
 
-    def unchanged(self, img: np.ndarray, floor_grey: float) -> bool:
+    def _comparable(self, img: np.ndarray) -> bool:
+        """Whether the kernels can compare `img` with the mirror (one is held, same shape, uint8)."""
         a = self.image
-        if a is None or a.shape != img.shape or img.dtype != np.uint8 or not HAVE_NUMBA:
+        return a is not None and a.shape == img.shape and img.dtype == np.uint8 and HAVE_NUMBA
+
+    def unchanged(self, img: np.ndarray, floor_grey: float) -> bool:
+        if not self._comparable(img):
             return False
+        a = self.image
         h = img.shape[0]
         limit = self.margin(floor_grey)
         return not _max_absdiff_over_nb(np.ascontiguousarray(img).reshape(h, -1), a.reshape(h, -1), limit)
@@ -167,11 +162,10 @@ class InputMirror:
     def typical_change(self, img: np.ndarray, step: int = 4) -> int | None:
         """Median over the image's pixels (every `step`-th row and column: ~0.1 ms at 768x432) of the largest
         channel change |img - mirror| in grey levels, or None when there is no mirror to compare with."""
-        a = self.image
-        if a is None or a.shape != img.shape or img.dtype != np.uint8 or not HAVE_NUMBA or img.ndim != 3:
+        if not self._comparable(img) or img.ndim != 3:
             return None
         hist = self._hist
-        _change_histogram_nb(img, a, step, hist)
+        _change_histogram_nb(img, self.image, step, hist)
         cum = np.cumsum(hist)
         return int(np.searchsorted(cum, (cum[-1] + 1) // 2))
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from deluceva.delta.kernels._jit import index_scratch
 from deluceva.delta.pixels import PixelDelta
 
 enabled = os.environ.get("DELUCEVA_KERNELS", "1") != "0"
@@ -139,30 +140,17 @@ def add_rows_to_planes(targets: list[torch.Tensor], d: PixelDelta) -> bool:
     return True
 
 
-_ROW_SCRATCH: dict[int, Any] = {}  # int64 work buffer per row count (step_act_rows)
-
-
-def _row_scratch(p: int) -> Any:
-    import numpy as np
-
-    scratch = _ROW_SCRATCH.get(p)
-    if scratch is None:
-        scratch = _ROW_SCRATCH[p] = np.empty(p, np.int64)
-    return scratch
-
-
 def nonzero_row_index(rows: torch.Tensor) -> Any | None:
     """Ascending NumPy indices of the rows of a contiguous float32 (P, C) tensor with a non-zero entry (one numba
     pass, a row's scan stopping at its first non-zero), or None when the kernels are unavailable."""
     if not (enabled and rows.dtype == torch.float32 and rows.is_contiguous()) or (m := _module("actstep")) is None:
         return None
-    return m.nonzero_rows_nb(rows.numpy(), _row_scratch(rows.shape[0]))
+    return m.nonzero_rows_nb(rows.numpy(), index_scratch(rows.shape[0]))
 
 
 def step_act_rows(z: Any, rows: torch.Tensor, act: tuple[int, float]) -> tuple[Any, Any]:
     """(index, Δy) NumPy arrays of the rows of a dense output delta `rows` (P, C) float32 with a non-zero entry,
     their state rows z (P, C) float32 updated and Δy = f(z_new) - f(z_old) by the fused kernel (fast mode;
     callers check that the kernels are on: ConvUnit's `_fused_small`)."""
-    from deluceva.delta.kernels.actstep import step_act_rows_nb
-
-    return step_act_rows_nb(z, rows.contiguous().numpy(), act[0], act[1], _row_scratch(rows.shape[0]))
+    return _module("actstep").step_act_rows_nb(z, rows.contiguous().numpy(), act[0], act[1],
+                                               index_scratch(rows.shape[0]))

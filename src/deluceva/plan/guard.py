@@ -219,8 +219,7 @@ class FrameGuard:
             self._stayed += 1
             if a is not None and self._ends_early(a):
                 self.stay = 0
-                self._probing = True  # judged like a probe: two delta frames, back with the back-off if lost
-                return self._reseed()
+                return self._probe_now()  # judged like a probe: two delta frames, back with the back-off if lost
             self.stay -= 1
             return "ort"
         if a is None:
@@ -249,8 +248,7 @@ class FrameGuard:
             self._last_a = a
             return "delta"
         if calm and self.probe:
-            self._probing = True
-            return self._reseed()
+            return self._probe_now()
         if calm and self.reseed_pays(a):
             return self._reseed()
         return "ort"
@@ -305,6 +303,11 @@ class FrameGuard:
                 self.backoff, self._lost = min(self.backoff * 2, 256), True  # lost right after a re-seed
             elif self._cycle_n > 30:
                 self.backoff = self.min_stay
+
+    def _probe_now(self) -> str:
+        """Re-seed and measure the delta network as a probe (see `observe`)."""
+        self._probing = True
+        return self._reseed()
 
     def _reseed(self) -> str:
         self.state = "delta"

@@ -34,6 +34,18 @@ def grown(buf: np.ndarray, rows: int, cap: int) -> np.ndarray:
     return np.empty((min(cap, max(rows, 2 * buf.shape[0])), *buf.shape[1:]), buf.dtype)
 
 
+_INDEX_SCRATCH: dict[int, np.ndarray] = {}
+
+
+def index_scratch(size: int) -> np.ndarray:
+    """A shared int64 work buffer of `size` entries (one per size, reused): for kernels that list indices in it and
+    return a copy of the listed part before returning, so callers never hold it."""
+    buf = _INDEX_SCRATCH.get(size)
+    if buf is None:
+        buf = _INDEX_SCRATCH[size] = np.empty(size, np.int64)
+    return buf
+
+
 def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`numba.njit(cache=True, nogil=True)` with numba, else the plain Python function (then never called)."""
     if not HAVE_NUMBA:

@@ -75,6 +75,14 @@ def kth_largest_nb(mc, n, k):
 
 
 @jit
+def _forward_count_nb(keep_frac, n, pixels, of_positions, count_floor):
+    """How many of n candidates the percentage forwards: round(keep_frac x max(n, count_floor)), or of all `pixels`
+    with `of_positions`, halves up; at most n."""
+    k = int(np.floor(keep_frac * (pixels if of_positions else max(n, count_floor)) + 0.5))
+    return min(k, n)
+
+
+@jit
 def _select_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, scratch, count_floor):
     """Choose, forward and clear pixels (see module doc). Returns (sorted index, rows, new candidate count, largest
     magnitude held back)."""
@@ -101,8 +109,7 @@ def _select_into_nb(r, m, in_cand, cand, ncand, keep_frac, of_positions, floor, 
             n += 1
         else:
             in_cand[p] = 0
-    k = int(np.floor(keep_frac * (m.shape[0] if of_positions else max(n, count_floor)) + 0.5))
-    k = min(k, n)
+    k = _forward_count_nb(keep_frac, n, m.shape[0], of_positions, count_floor)
     # chosen: mc > thr, plus the first take_eq candidates with mc == thr (ties in candidate order), minus <= floor
     thr = np.float32(-1.0)  # k >= n: every candidate
     take_eq = 0
@@ -234,8 +241,7 @@ def _forward_direct_nb(idx, vals, r, m, in_cand, cand, ncand, keep_frac, of_posi
         else:
             in_cand[p] = 0
     n = nf + keep
-    k = int(np.floor(keep_frac * (m.shape[0] if of_positions else max(n, count_floor)) + 0.5))
-    if above == 0 and min(k, n) >= nf:
+    if above == 0 and _forward_count_nb(keep_frac, n, m.shape[0], of_positions, count_floor) >= nf:
         return nf, keep, held_max, True
     for j in range(nf):  # the percentage binds: back to the accumulated state
         p = fidx[j]
