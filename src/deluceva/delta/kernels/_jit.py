@@ -61,6 +61,19 @@ def jit_vec(fn: Callable[..., Any]) -> Callable[..., Any]:
     return numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")(fn)
 
 
+# Fast-math flags that keep IEEE rounding of each operation's result but let LLVM fuse multiply-adds and treat
+# min/max as plain vector instructions (no NaN or infinity in, no signed-zero care): no reassociation, so explicit
+# rounding steps survive. For float kernels whose inputs are finite.
+FINITE_MATH = frozenset({"nnan", "ninf", "nsz", "contract"})
+
+
+def jit_finite(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`jit_vec` with FINITE_MATH: for polynomial kernels on finite floats (1.6 -> 0.7 ns per SiLU value here)."""
+    if not HAVE_NUMBA:
+        return fn
+    return numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath=set(FINITE_MATH))(fn)
+
+
 def resolve_backend(backend: str) -> str:
     """'auto' -> 'numba' if available else 'torch'; 'numba' without numba installed raises."""
     if backend == "auto":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deluceva.delta.kernels._jit import jit_vec
+from deluceva.delta.kernels._jit import jit_finite, jit_vec
 
 SILU, RELU, LEAKY_RELU, SIGMOID, HARDSWISH = 1, 2, 3, 4, 5
 ROW_BLOCK = 512  # values per block of rows in fast mode (temporaries stay in L1)
@@ -20,12 +20,12 @@ ROW_BLOCK = 512  # values per block of rows in fast mode (temporaries stay in L1
 _F = np.float32
 
 
-@jit_vec
+@jit_finite
 def _exp_neg32(x, e, bits, n):  # pragma: no cover - compiled
     """e[:n] = exp(-x[:n]) in float32 (inputs clamped to exp's finite range); bits: int32 scratch."""
     for j in range(n):
         t = min(max(-x[j], _F(-87.0)), _F(88.0))
-        k = (t * _F(1.44269504) + _F(12582912.0)) - _F(12582912.0)  # round to nearest integer
+        k = np.rint(t * _F(1.44269504))  # nearest integer (one vector instruction)
         r = t - k * _F(0.693359375) - k * _F(-2.12194440e-4)
         p = ((((_F(1.9875691500e-4) * r + _F(1.3981999507e-3)) * r + _F(8.3334519073e-3)) * r
               + _F(4.1665795894e-2)) * r + _F(1.6666665459e-1)) * r + _F(5.0000001201e-1)
@@ -36,7 +36,7 @@ def _exp_neg32(x, e, bits, n):  # pragma: no cover - compiled
         e[j] = e[j] * scale[j]
 
 
-@jit_vec
+@jit_finite
 def _act32(x, y, e, bits, n, code, alpha):  # pragma: no cover - compiled
     """y[:n] = f(x[:n]) in float32."""
     if code == SILU or code == SIGMOID:
