@@ -118,3 +118,49 @@ def test_adaptive_floor_holds_codec_keyframe_noise_and_keeps_exposure_changes() 
     brighter = np.clip(frames[1].rgb.astype(np.int16) + 12, 0, 255).astype(np.uint8)
     eng.process(Frame(index=2, pts_seconds=0.2, rgb=brighter))
     assert eng._input_floor_grey() == 3.0
+
+
+def test_a_frame_on_the_dense_engine_is_the_reference_of_the_next_frames_adaptive_floor() -> None:
+    """During a stay on ONNX Runtime the network applies nothing, but the next frame's typical change is still
+    measured against the frame before (so the guard's activity of a codec keyframe is the same during a stay as in
+    delta frames: the person video's keyframes read 0.25 at the base floor against 0.08 adapted, which left them
+    unpriced and kept stays on ONNX Runtime). That image is no applied input: `unchanged` is False, and a delta
+    update on it drops it."""
+    import numpy as np
+
+    from deluceva.delta.inputs import InputMirror
+    from deluceva.engine import Engine, EngineConfig
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(10, 240, (60, 80, 3), dtype=np.uint8)
+    mirror = InputMirror(0, 0, (64, 80))
+    mirror.previous(img)
+    noisy = img.copy()
+    noisy[..., 0] += 2
+    assert mirror.typical_change(noisy) == 2 and not mirror.unchanged(img, 3.0)
+    mirror.applied(noisy, None)
+    assert mirror.image is None
+    mirror.seeded(img)
+    assert mirror.unchanged(img, 3.0)
+
+    det = load_model("yolov5n")
+    with open_source(str(ROOT / "assets/video/one-by-one-person-detection.mp4"), max_frames=11) as src:
+        frames = list(src)
+    eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", filter_pct=0.01,
+                                   warmup=False))
+    for f in frames[:10]:
+        eng.process(f)
+    hw = eng.ensure_prepared(frames[9].rgb.shape[:2])
+    before, geo = det.fit(frames[9].rgb, hw)
+    eng._track_input(before, geo, "dense")  # frame 9 ran on the dense engine
+    keyframe = det.fit(frames[10].rgb, hw)[0]
+    assert eng._noise_floor_for(keyframe) == 6.0  # 3 x its median change of 2 levels, as in a delta frame
+    # the guard's activity of that frame comes from the same histogram, as guard.activity measures it on the canvas
+    from deluceva.plan.guard import activity
+
+    x_before, x_key = det.to_input(before, geo), det.to_input(keyframe, geo)
+    for floor in (3.0, 6.0):
+        shared, direct = eng._mirror.activity(floor), activity(x_key, x_before, floor * det.input_scale)
+        assert shared == pytest.approx(direct, rel=0.15) and direct > 0.05
+    eng._track_input(keyframe, geo, "refresh")  # re-seeded: an applied input, no stay's histogram
+    assert eng._mirror.activity(3.0) is None

@@ -621,31 +621,52 @@ def test_bench_runs_its_delta_engines_with_the_relative_floor(setup):
     assert proc.returncode == 2 and "--relative-floor must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_guard_ends_a_long_stay_on_the_dense_engine_when_the_scene_calms_to_where_delta_was_cheap():
-    """After people walk by, lost probes grow the stay on ONNX Runtime (up to 256 frames) although the calm scene
-    that follows runs the delta network at a fraction of ONNX Runtime's time. The stay ends once 3 frames in a row
-    had an activity at or under the level of the delta frames measured cheap (after at least PROBE_STAY frames);
-    busy frames never end it, and without cheap delta frames there is no such level and no activity is asked for."""
-    from deluceva.plan.guard import PROBE_STAY
+def test_guard_ends_a_long_stay_on_the_dense_engine_when_delta_frames_priced_by_activity_would_be_cheap():
+    """After people walk by, lost probes grow the stay on ONNX Runtime (up to 256 frames) although the calmer scene
+    that follows runs the delta network at a fraction of ONNX Runtime's time. Each frame of the stay is priced at
+    what delta frames of about its activity were measured to cost; the stay ends (re-seed and probe) once the last
+    EARLY_WINDOW frames, codec keyframes included, average under EARLY_RATIO x the dense engine with the re-seed's
+    extra cost spread. Frames busier than any measured keep it, and without measured delta frames nothing prices a
+    frame and no activity is asked for."""
+    from deluceva.plan.guard import EARLY_RATIO, EARLY_WINDOW, PROBE_STAY
 
     guard = FrameGuard(DeltaCost(20.0, 80.0, 0.01), ort_ms=40.0, seed_ms=60.0)
-    assert guard.calm_level() is None
+    assert guard.measured_ms(0.01) is None
     guard.observe("reseed", 60.0)
-    for a in (0.001, 0.002, 0.004, 0.003, 0.002, 0.05):  # calm delta frames at 5 ms, one busy at 60 ms
-        assert guard.decide(a) == "delta"
-        guard.observe("delta", 60.0 if a == 0.05 else 5.0)
-    assert guard.calm_level() == pytest.approx(0.003)  # upper quartile of the five cheap frames
+    measured = {0.010: 12.0, 0.012: 14.0, 0.015: 16.0, 0.05: 48.0, 0.06: 50.0, 0.055: 49.0, 0.3: 70.0, 0.28: 66.0,
+                0.32: 72.0}  # this content: calm frames ~14 ms, moderate ~49 ms, keyframes ~70 ms
+    for a, ms in measured.items():
+        guard._last_a = a
+        guard.observe("delta", ms)
+    assert guard.measured_ms(0.011) == pytest.approx(14.0)
+    assert guard.measured_ms(0.29) == pytest.approx(70.0)
+    assert guard.measured_ms(0.9) is None  # busier than anything measured: not priced
     guard.backoff = 128
     guard._to_ort(2)
     assert guard.needs_activity()
-    decisions = []
-    for a in [0.2] * 20 + [0.003, 0.01, 0.003, 0.002, 0.001]:  # people walking, then calm again
-        d = guard.decide(a)
-        decisions.append(d)
-        guard.observe(d, {"ort": 40.0, "reseed": 60.0, "delta": 5.0}[d])
-    assert decisions[:22] == ["ort"] * 22  # busy frames, then a calm run broken by 0.01
-    assert decisions[22:] == ["ort", "ort", "reseed"]
-    # a fresh guard without cheap delta frames: a stay runs its course and activity is not needed
+
+    def run(acts):
+        out = []
+        for a in acts:
+            d = guard.decide(a)
+            out.append(d)
+            guard.observe(d, {"ort": 40.0, "reseed": 60.0, "delta": 14.0}[d])
+        return out
+
+    # people walking (unpriced), then moderate motion costlier than ONNX Runtime: the stay goes on
+    assert run([0.9] * 10 + [0.055] * 20) == ["ort"] * 30
+    # calm frames with a keyframe every 10th (a window of only these: (9 x 14 + 70) / 10 + (60 - 40) / 10 = 21.6 ms)
+    calm = ([0.3] + [0.011] * 9) * 2
+    window = [49.0] * EARLY_WINDOW
+    expected = None
+    for i, a in enumerate(calm):
+        window = window[1:] + [70.0 if a == 0.3 else 14.0]
+        if sum(window) / EARLY_WINDOW + 2.0 <= EARLY_RATIO * 40.0:
+            expected = i
+            break
+    out = run(calm)
+    assert expected == 7 and out[:expected + 1] == ["ort"] * expected + ["reseed"]
+    # a fresh guard without measured delta frames: a stay runs its course and activity is not needed
     fresh = FrameGuard(DeltaCost(20.0, 80.0, 0.01), ort_ms=40.0, seed_ms=60.0)
     fresh.enter_dense_band(probe=True)
     assert not fresh.needs_activity()

@@ -278,11 +278,14 @@ class Engine:
             guard.enter_dense_band(probe=True, stay=0 if floored else PROBE_STAY)
         elif band != last and last == "ort-probe":
             guard.leave_dense_band()
+        shared = None if self._mirror is None else self._mirror.activity(self._input_floor_grey())
         if prev is None or prev.shape != x.shape:
             act = 1.0
         elif guard.needs_activity():
-            with single_threaded():
-                act = activity(x, prev, floor)
+            if shared is None:
+                with single_threaded():
+                    shared = activity(x, prev, floor)
+            act = shared  # during a stay, from the adaptive floor's histogram against the previous frame
         else:
             act = None  # a stay on the dense engine
         if prev is None and band == "units":
@@ -437,7 +440,9 @@ class Engine:
             mirror.seeded(img)
         elif mode == "delta" and (dx is None or isinstance(dx, PixelDelta)):
             mirror.applied(img, None if dx is None else dx.index_np)
-        else:  # the dense engine ran (the network re-seeds next), or an input delta of another form
+        elif mode == "dense":  # the dense engine ran (the network re-seeds next): the next frame's floor compares
+            mirror.previous(img)  # with this one, as a delta frame's does with the applied input (guard activity)
+        else:  # an input delta of another form
             mirror.invalidate()
 
     def process(self, frame: FrameLike) -> dict[str, Any]:

@@ -132,14 +132,17 @@ class InputMirror:
     the float comparison of `input_delta` would forward nothing either. Keep it in step: `seeded(img)` after a
     dense frame (the network applied the whole input), `applied(img, index)` after a delta frame (index: the
     forwarded canvas pixels, `PixelDelta.index_np` of the input delta), `invalidate()` when the network's input state
-    is unknown.
+    is unknown, or `previous(img)` after a frame the dense engine ran: the image is then only the reference of
+    `typical_change` (the next frame's change against this one), not an applied input.
     """
 
     def __init__(self, top: int, left: int, canvas_hw: tuple[int, int]) -> None:
         self.top, self.left = top, left
         self.canvas_hw = canvas_hw
         self.image: np.ndarray | None = None
-        self._hist = np.zeros(256, np.int64)  # typical_change's work buffer
+        self.is_applied = False  # `image` is the network's applied input (not only the previous frame)
+        self._hist = np.zeros(256, np.int64)  # typical_change's histogram of the last image compared
+        self._hist_fresh = False  # that histogram compares the current reference image with the last one given
 
     @staticmethod
     def margin(floor_grey: float) -> int:
@@ -152,7 +155,7 @@ class InputMirror:
         return a is not None and a.shape == img.shape and img.dtype == np.uint8 and HAVE_NUMBA
 
     def unchanged(self, img: np.ndarray, floor_grey: float) -> bool:
-        if not self._comparable(img):
+        if not self.is_applied or not self._comparable(img):
             return False
         a = self.image
         h = img.shape[0]
@@ -166,16 +169,37 @@ class InputMirror:
             return None
         hist = self._hist
         _change_histogram_nb(img, self.image, step, hist)
+        self._hist_fresh = step == 4
         cum = np.cumsum(hist)
         return int(np.searchsorted(cum, (cum[-1] + 1) // 2))
 
+    def activity(self, floor_grey: float) -> float | None:
+        """After `typical_change(img)` against a `previous` frame (a stay on the dense engine): the guard's input
+        activity of img from the same histogram (`plan.guard.activity` on the canvas: the share of pixels sampled
+        every 4th row and column whose largest channel change exceeds `floor_grey`, the canvas's never-changing
+        padding counted as unchanged), without a pass of its own; None otherwise."""
+        if not self._hist_fresh or self.is_applied or self.image is None:
+            return None
+        h, w = self.image.shape[:2]
+        ch, cw = self.canvas_hw
+        above = int(self._hist[int(math.floor(floor_grey)) + 1:].sum())
+        return above / (-(-ch // 4) * -(-cw // 4)) if above else 0.0
+
     def seeded(self, img: np.ndarray) -> None:
         self.image = np.array(img, dtype=np.uint8, copy=True) if img.dtype == np.uint8 else None
+        self.is_applied = self.image is not None
+        self._hist_fresh = False
+
+    def previous(self, img: np.ndarray) -> None:
+        """The dense engine ran `img`: keep a copy as the reference of `typical_change` only (~0.1 ms)."""
+        self.seeded(img)
+        self.is_applied = False
 
     def applied(self, img: np.ndarray, index: np.ndarray | None) -> None:
         a = self.image
-        if a is None or a.shape != img.shape:
-            self.image = None
+        self._hist_fresh = False
+        if a is None or a.shape != img.shape or not self.is_applied:
+            self.invalidate()
             return
         if index is not None and index.shape[0]:
             _mirror_update_nb(a, np.ascontiguousarray(img), index, self.top, self.left, self.canvas_hw[1],
@@ -183,3 +207,4 @@ class InputMirror:
 
     def invalidate(self) -> None:
         self.image = None
+        self.is_applied = self._hist_fresh = False

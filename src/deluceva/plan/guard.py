@@ -6,7 +6,7 @@ previous frame exceeds the input noise floor; `activity`, ~0.3 ms), the measured
 the dense engine and of seeding frames.
 
 Predicted delta-frame ms = recent measured delta ms (median of the last 3) plus the activity bump
-`DeltaCost(a) - DeltaCost(a_recent)` (their median activity; no bump below it). When some of the last 32 delta
+`DeltaCost(a) - DeltaCost(a_recent)` (their median activity; no bump below it). When some of the last 64 delta
 frames had about the same activity (within `SIMILAR_ACTIVITY`), the larger of the recent median and theirs instead.
 With a relative floor, which the profile was made without, the bump is scaled by the recent ms over
 `DeltaCost(a_recent)` (`scale_bump`): the floors filter most of a busy frame's small changes (the person video's
@@ -33,13 +33,18 @@ measured on a synthetic exposure swing (the last profile frame 6% brighter) at t
 - repeated losses: when the delta network is measured slower than the dense engine within a few frames of a
   re-seed, the cycle is lost: the guard moves to the dense engine and the minimum stay there (after which it probes
   with a re-seed) doubles, up to 256 frames, so content the delta network cannot win on does not thrash.
-- early return: a stay on the dense engine (and its back-off, which grows with every lost probe) ends early when
-  EARLY_CALM_FRAMES frames in a row had an activity at or under the calm level the delta network was measured cheap
-  at (the upper quartile of the activity of the last 32 delta frames that cost at most CHEAP_RATIO x the dense
-  engine; at least 4 such frames), at least PROBE_STAY frames after the stay began: the frame then re-seeds and
-  probes. The person video (YOLOv5n, 0.01% + R 0.2, whole video): after people walked by, a lost probe kept the
-  engine on ONNX Runtime for up to 256 frames while all-delta frames measured 0.3-0.6x ONNX Runtime (1281 of 1394
-  frames on it). Activity is measured during such stays only once that level exists (~0.25 ms).
+- early return: a stay on the dense engine (and its back-off, which grows with every lost probe) ends early, at least
+  PROBE_STAY frames after it began, when its last EARLY_WINDOW frames, each priced at what delta frames of about its
+  activity were measured to cost on this content (`measured_ms`: the median of those among the last 64 delta frames
+  within a factor 2 of its activity, at least 3; a calmer frame than any measured at the least busy ones, an upper
+  bound; a busier one is not priced and keeps the stay), cost at most EARLY_RATIO x the dense engine on average with a
+  re-seed's extra cost spread over `horizon` frames: the frame then re-seeds and probes. Pricing the window, periodic
+  codec keyframes included, replaced a calm-activity level (the upper quartile of the delta frames measured under half
+  the dense engine): on the person video that level sat at the idle frames' activity (~0.001) while delta frames at
+  0.01-0.02 cost 0.3-0.7x ONNX Runtime. A cycle that ends having cost no more than the dense engine over its frames
+  resets the back-off; each early return lost in a row doubles the stay before the next (PROBE_STAY up to 8x: on the
+  car video the swings' calm gaps priced cheap, and re-seeds there lost). Activity is needed during stays once 3 delta
+  frames have been measured; the engine then reads it off its adaptive floor's histogram against the previous frame.
 - probing (`probe`, for plan bands that run on the dense engine although their unit plan is predicted within
   PROBE_RATIO of it: the prediction comes from the profile clip, and calmer content runs the same units much
   faster): after the stay on the dense engine, a calm frame re-seeds and two delta frames are measured (one when
@@ -62,8 +67,10 @@ PROBE_STAY = 8  # frames on the dense engine before the first probe of such a ba
 PROBE_LOSS = 1.2  # a probe's first delta frame above this x the dense engine loses it at once
 PROBE_BACKOFF = 4  # a lost probe multiplies the stay before the next one by this (8, 32, 128, 256 frames)
 SIMILAR_ACTIVITY = 0.25  # delta frames within this share of a frame's activity (+ 0.02) price it (`delta_ms`)
-CHEAP_RATIO = 0.5  # delta frames measured at most this x the dense engine's ms set the calm level of early returns
-EARLY_CALM_FRAMES = 3  # frames in a row at or under that level end a stay on the dense engine early
+EARLY_WINDOW = 10  # a stay on the dense engine ends early when its last this many frames, priced as delta frames ...
+EARLY_RATIO = 0.8  # ... cost at most this x the dense engine with a re-seed's extra cost spread over `horizon`
+PRICED_MIN = 3  # measured delta frames of about an activity needed to price it (`measured_ms`) ...
+PRICED_SPAN = 2.0  # ... their activity within this factor of it
 
 
 def activity(x: torch.Tensor, prev: torch.Tensor, floor: float, step: int = 4) -> float:
@@ -133,7 +140,9 @@ class FrameGuard:
     _probing: bool = False
     _probe_lost: bool = False
     _stayed: int = 0  # frames on the dense engine since the current stay began
-    _calm_run: int = 0  # frames in a row, during a stay, at or under the calm level
+    _window: deque = field(default_factory=lambda: deque(maxlen=EARLY_WINDOW))  # activities during a stay
+    _early: bool = False  # the current cycle began with an early return
+    _early_losses: int = 0  # early returns lost in a row (each doubles the stay before the next, up to 8x)
     _excess: float = 0.0
     _last_a: float = 0.0
     _cycle_ms: float = 0.0
@@ -142,9 +151,8 @@ class FrameGuard:
     _seed: deque = field(default_factory=lambda: deque(maxlen=5))
     _recent: deque = field(default_factory=lambda: deque(maxlen=3))
     _fresh: deque = field(default_factory=lambda: deque(maxlen=3))  # (ms, a) of delta frames right after re-seeds
-    _seen: deque = field(default_factory=lambda: deque(maxlen=32))  # (ms, a) of the last delta frames
+    _seen: deque = field(default_factory=lambda: deque(maxlen=64))  # (ms, a) of the last delta frames
     _acts: deque = field(default_factory=lambda: deque(maxlen=101))
-    _cheap: deque = field(default_factory=lambda: deque(maxlen=32))  # activity of delta frames measured cheap
 
     def __post_init__(self) -> None:
         self.backoff = self.backoff or self.min_stay
@@ -170,7 +178,7 @@ class FrameGuard:
     def delta_ms(self, a: float) -> float:
         """Predicted ms of a delta frame of activity `a` from the current state: the recent delta frames' median ms
         plus the profile's extra cost of `a` over their median activity (none when `a` is lower; with `scale_bump`
-        times their ms over the profile's for them, when below 1); when some of the last 32 delta frames had about
+        times their ms over the profile's for them, when below 1); when some of the last 64 delta frames had about
         this activity, the larger of that median and theirs instead. Right after a
         re-seed (no delta frame since), the same from the first delta frames after earlier re-seeds (a fresh
         state's cost: the profile's may be far off, e.g. with a relative floor), else the profile's."""
@@ -199,34 +207,43 @@ class FrameGuard:
         return (self.ort - self.cost(a)) * self.horizon > self.seed - self.ort
 
     # -- decisions ---------------------------------------------------------------------------------------------
-    def calm_level(self) -> float | None:
-        """Activity at or under which the delta network was measured cheap (the upper quartile of the activity of
-        the last 32 delta frames that cost at most CHEAP_RATIO x the dense engine, however many costlier ones came
-        between), None with fewer than 4 such frames."""
-        cheap = sorted(self._cheap)
-        return cheap[(3 * len(cheap)) // 4] if len(cheap) >= 4 else None
+    def measured_ms(self, a: float) -> float | None:
+        """This content's price of a delta frame of activity `a`: the median ms of the last 64 delta frames whose
+        activity was within a factor PRICED_SPAN of `a` (+ 0.001), when there are PRICED_MIN of them; else, for a
+        calmer frame than those, the median of the PRICED_MIN least busy ones busier than it (an upper bound: a
+        delta frame's cost grows with activity); else None."""
+        lo, hi = a / PRICED_SPAN - 0.001, a * PRICED_SPAN + 0.001
+        near = [ms for ms, x in self._seen if lo <= x <= hi]
+        if len(near) < PRICED_MIN:
+            near = [ms for _, ms in sorted((x, ms) for ms, x in self._seen if x > a)[:PRICED_MIN]]
+        return median(near) if len(near) >= PRICED_MIN else None
 
     def needs_activity(self) -> bool:
         """Whether `decide` reads this frame's activity: not during a stay on the dense engine that cannot end
-        early (no calm level yet; the caller may then skip measuring it, ~0.5 ms of an ONNX Runtime frame's extra
-        work)."""
-        return not (self.state == "ort" and self.stay > 0) or self.calm_level() is not None
+        early (no delta frames to price it by yet; the caller may then skip measuring it, ~0.5 ms of an ONNX Runtime
+        frame's extra work)."""
+        return not (self.state == "ort" and self.stay > 0) or len(self._seen) >= PRICED_MIN
 
     def decide(self, a: float | None) -> str:
         """'delta' | 'ort' | 'reseed' for a frame of input activity `a` (the caller runs it and calls observe);
         `a` may be None when `needs_activity()` is False."""
-        if self.state == "ort" and self.stay > 0:
+        early = False
+        if self.state == "ort":
             self._stayed += 1
-            if a is not None and self._ends_early(a):
+            early = a is not None and len(self._seen) >= PRICED_MIN and self._ends_early(a)
+            if early and (self.stay > 0 or a <= self.calm_activity):
                 self.stay = 0
+                self._early = True
                 return self._probe_now()  # judged like a probe: two delta frames, back with the back-off if lost
+        if self.state == "ort" and self.stay > 0:
             self.stay -= 1
             return "ort"
         if a is None:
             raise ValueError("FrameGuard.decide: this frame's activity is needed")
         calm = a <= self.calm_activity
         if self.state == "delta":
-            if self._probing and len(self._recent) < 2:  # a probe measures before it judges
+            if (self._probing and len(self._recent) < 2) or (not self._recent and calm):  # a probe, or a re-seed,
+                # measures before it judges (leaving at once would throw the re-seed away unmeasured)
                 self._acts.append(a)
                 self._last_a = a
                 return "delta"
@@ -238,7 +255,9 @@ class FrameGuard:
             over = pred > self.limit * self.ort  # never run a frame above the limit on the delta network
             rent = pred > self.ort and self._excess + pred - self.ort > self.seed - self.ort  # ski rental
             if over or rent:
-                if calm and not self._lost and self.reseed_pays(a):  # backlog: a fresh state will be cheap
+                if calm and not self._lost and self._cycle_n > self.min_cycle and self.reseed_pays(a):  # backlog
+                    # (not in a cycle's first frames: with a profile that underprices this content, each re-seed's
+                    # first delta frame re-seeded again)
                     return self._reseed()
                 self._to_ort(self.min_stay)  # swing, or this cycle lost from its start: probe again later
                 return "ort"
@@ -254,10 +273,18 @@ class FrameGuard:
         return "ort"
 
     def _ends_early(self, a: float) -> bool:
-        """Whether this frame (activity `a`) ends the stay on the dense engine early (module docs: early return)."""
-        level = self.calm_level()
-        self._calm_run = self._calm_run + 1 if level is not None and a <= level else 0
-        return self._calm_run >= EARLY_CALM_FRAMES and self._stayed >= PROBE_STAY
+        """Whether this frame (activity `a`, added to the window of frames on the dense engine) ends the time there
+        (module docs: early return): at least PROBE_STAY frames there (doubled per early return lost in a row, up to
+        8x), and the window's last EARLY_WINDOW frames, priced as delta frames (`measured_ms`), cost at most
+        EARLY_RATIO x the dense engine with a re-seed's extra cost spread over `horizon` frames."""
+        self._window.append(a)
+        if self._stayed < PROBE_STAY << min(self._early_losses, 3) or len(self._window) < EARLY_WINDOW:
+            return False
+        priced = [self.measured_ms(x) for x in self._window]
+        if any(ms is None for ms in priced):
+            return False
+        spread = max(0.0, self.seed - self.ort) / self.horizon
+        return sum(priced) / len(priced) + spread <= EARLY_RATIO * self.ort
 
     def enter_dense_band(self, probe: bool, stay: int = PROBE_STAY) -> None:
         """The running plan band changed to one on the dense engine: stay there (the back-off, at least `stay`
@@ -283,8 +310,6 @@ class FrameGuard:
         elif decision == "delta":
             self._recent.append((ms, self._last_a))
             self._seen.append((ms, self._last_a))
-            if ms <= CHEAP_RATIO * self.ort:  # kept apart: busy frames and lost probes do not push them out
-                self._cheap.append(self._last_a)
             if self._cycle_n == 1:  # the first delta frame after a re-seed
                 self._fresh.append((ms, self._last_a))
             self._cycle_ms += ms
@@ -314,7 +339,16 @@ class FrameGuard:
         return "reseed"
 
     def _to_ort(self, stay: int) -> None:
-        if self.state == "delta" and self.probe and self._cycle_n and self._cycle_ms > self._cycle_n * self.ort:
+        won = self._cycle_n > 1 and self._cycle_ms <= self._cycle_n * self.ort
+        if self.state == "delta":
+            self._early_losses = 0 if won else self._early_losses + self._early
+            self._early = False
+        if self.state == "delta" and won:
+            self.backoff = self.min_stay  # this cycle won: the delta network pays on this content
+        elif self.state == "delta" and self.probe and self._cycle_n and self._cycle_ms > self._cycle_n * self.ort:
             self.backoff = min(self.backoff * PROBE_BACKOFF, 256)  # this probe's cycle cost more than the dense engine
+        elif self.state == "delta" and self._cycle_n and not self._lost and self._cycle_n <= 8:
+            self.backoff = min(self.backoff * 2, 256)  # a short cycle lost: return (re-seed) less often
         self.state, self.stay = "ort", max(stay, self.backoff)
-        self._stayed = self._calm_run = 0
+        self._stayed = 0
+        self._window.clear()
