@@ -278,14 +278,13 @@ class Engine:
             guard.enter_dense_band(probe=True, stay=0 if floored else PROBE_STAY)
         elif band != last and last == "ort-probe":
             guard.leave_dense_band()
-        shared = None if self._mirror is None else self._mirror.activity(self._input_floor_grey())
         if prev is None or prev.shape != x.shape:
             act = 1.0
-        elif guard.needs_activity():
-            if shared is None:
+        elif guard.needs_activity():  # during a stay, off the adaptive floor's histogram against the previous frame
+            act = None if self._mirror is None else self._mirror.activity(self._input_floor_grey())
+            if act is None:
                 with single_threaded():
-                    shared = activity(x, prev, floor)
-            act = shared  # during a stay, from the adaptive floor's histogram against the previous frame
+                    act = activity(x, prev, floor)
         else:
             act = None  # a stay on the dense engine
         if prev is None and band == "units":

@@ -180,7 +180,6 @@ class InputMirror:
         padding counted as unchanged), without a pass of its own; None otherwise."""
         if not self._hist_fresh or self.is_applied or self.image is None:
             return None
-        h, w = self.image.shape[:2]
         ch, cw = self.canvas_hw
         above = int(self._hist[int(math.floor(floor_grey)) + 1:].sum())
         return above / (-(-ch // 4) * -(-cw // 4)) if above else 0.0

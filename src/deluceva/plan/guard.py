@@ -227,10 +227,9 @@ class FrameGuard:
     def decide(self, a: float | None) -> str:
         """'delta' | 'ort' | 'reseed' for a frame of input activity `a` (the caller runs it and calls observe);
         `a` may be None when `needs_activity()` is False."""
-        early = False
         if self.state == "ort":
             self._stayed += 1
-            early = a is not None and len(self._seen) >= PRICED_MIN and self._ends_early(a)
+            early = a is not None and len(self._seen) >= PRICED_MIN and self._ends_early(a)  # adds a to the window
             if early and (self.stay > 0 or a <= self.calm_activity):
                 self.stay = 0
                 self._early = True
@@ -339,16 +338,16 @@ class FrameGuard:
         return "reseed"
 
     def _to_ort(self, stay: int) -> None:
-        won = self._cycle_n > 1 and self._cycle_ms <= self._cycle_n * self.ort
         if self.state == "delta":
+            won = self._cycle_n > 1 and self._cycle_ms <= self._cycle_n * self.ort
             self._early_losses = 0 if won else self._early_losses + self._early
             self._early = False
-        if self.state == "delta" and won:
-            self.backoff = self.min_stay  # this cycle won: the delta network pays on this content
-        elif self.state == "delta" and self.probe and self._cycle_n and self._cycle_ms > self._cycle_n * self.ort:
-            self.backoff = min(self.backoff * PROBE_BACKOFF, 256)  # this probe's cycle cost more than the dense engine
-        elif self.state == "delta" and self._cycle_n and not self._lost and self._cycle_n <= 8:
-            self.backoff = min(self.backoff * 2, 256)  # a short cycle lost: return (re-seed) less often
+            if won:
+                self.backoff = self.min_stay  # this cycle won: the delta network pays on this content
+            elif self.probe and self._cycle_n and self._cycle_ms > self._cycle_n * self.ort:
+                self.backoff = min(self.backoff * PROBE_BACKOFF, 256)  # this probe's cycle cost more than dense
+            elif self._cycle_n and not self._lost and self._cycle_n <= 8:
+                self.backoff = min(self.backoff * 2, 256)  # a short cycle lost: return (re-seed) less often
         self.state, self.stay = "ort", max(stay, self.backoff)
         self._stayed = 0
         self._window.clear()
