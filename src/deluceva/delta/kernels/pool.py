@@ -2,9 +2,11 @@
 
 State: the input x rows (N*H*W, C) and output y rows (N*Ho*Wo, C), channels-last. Per call: x[idx] += Δx and the
 outputs whose window holds an active input are updated, Δy = new - old there (rows that stay equal are dropped).
-The numba kernels update incrementally for few active pixels (a raised value is compared with the output, a lowered
-one that was the maximum triggers a re-max of that channel's window) and re-pool every affected window for many;
-the torch fallback re-maxes every affected window from gathered (B, K*K, C) windows.
+The numba kernel re-pools every affected window separably (window-row maxima shared between neighbouring
+outputs); the torch fallback re-maxes every affected window from gathered (B, K*K, C) windows. An incremental
+update (compare a raised value with the output, re-max a window whose maximum dropped) was 2-4x slower on real
+filtered deltas at every active fraction (YOLOv5n's 5x5 and YOLOX-Nano's 13x13 SPP pools, 2-42% active): about
+half the forwarded deltas are negative and the pixels that change are often their window's maximum.
 """
 
 from __future__ import annotations
@@ -15,88 +17,17 @@ import torch.nn.functional as F
 
 from deluceva.delta.kernels._jit import jit, resolve_backend
 from deluceva.delta.kernels.conv import IntPair, _pair, conv_out_hw, conv_plan
-from deluceva.delta.kernels.scatter import reach_nb, reachable, sorted_marked_nb
+from deluceva.delta.kernels.scatter import reach_nb, reachable
 from deluceva.delta.pixels import PixelDelta
 
 
 @jit
-def _maxpool_delta_nb(pix, vals, x, y, y0, mark, touched, h, w, ho, wo, kh, kw, sy, sx, py, px, dy, dx):
-    """Apply Δx (pix, vals) to the stored input rows x and update the max-pool output rows y incrementally, pixel by
-    pixel: at each output whose window holds the pixel, a channel whose new input value beats the output takes it;
-    a channel whose output was this pixel's old value and that value dropped is re-maxed over its window; others
-    keep their value. So a pixel costs O(K*K*C) plus the rare re-max, not O(K^4*C) as re-pooling every affected
-    window would (YOLOX-Nano's 13x13 SPP pool: ~40x less). y0 (scratch, rows of y) keeps the outputs' values before
-    the call. Returns (sorted index, Δy rows) of the outputs that changed."""
-    ch = x.shape[1]
-    hw = h * w
-    ohw = ho * wo
-    old = np.empty(ch, x.dtype)
-    nt = 0
-    for i in range(pix.shape[0]):
-        p = pix[i]
-        n = p // hw
-        r = p - n * hw
-        iy = r // w
-        ix = r - iy * w
-        xr = x[p]
-        for c in range(ch):
-            old[c] = xr[c]
-            xr[c] = xr[c] + vals[i, c]
-        for ky in range(kh):
-            ty = iy + py - ky * dy
-            if ty < 0 or ty % sy != 0 or ty // sy >= ho:
-                continue
-            oy = ty // sy
-            for kx in range(kw):
-                tx = ix + px - kx * dx
-                if tx < 0 or tx % sx != 0 or tx // sx >= wo:
-                    continue
-                ox = tx // sx
-                o = n * ohw + oy * wo + ox
-                yr = y[o]
-                if mark[o] == 0:
-                    mark[o] = 1
-                    touched[nt] = o
-                    nt += 1
-                    y0[o, :] = yr
-                for c in range(ch):
-                    v = xr[c]
-                    if v > yr[c]:
-                        yr[c] = v
-                    elif v < old[c] and old[c] == yr[c]:  # this pixel held the maximum and dropped: re-max
-                        best = -np.inf
-                        for wy in range(kh):
-                            sy_ = oy * sy - py + wy * dy
-                            if sy_ < 0 or sy_ >= h:
-                                continue
-                            for wx in range(kw):
-                                sx_ = ox * sx - px + wx * dx
-                                if sx_ < 0 or sx_ >= w:
-                                    continue
-                                u = x[n * hw + sy_ * w + sx_, c]
-                                if u > best:
-                                    best = u
-                        yr[c] = best
-    idx = sorted_marked_nb(touched, nt, mark)
-    out = np.empty((nt, ch), y.dtype)
-    m = 0
-    for j in range(nt):
-        o = idx[j]
-        mark[o] = 0
-        changed = False
-        for c in range(ch):
-            d = y[o, c] - y0[o, c]
-            out[m, c] = d
-            changed |= d != 0
-        if changed:
-            idx[m] = o
-            m += 1
-    return idx[:m], out[:m]
-
-
-@jit
-def _repool_nb(outs, x, y, h, w, ho, wo, kh, kw, sy, sx, py, px, dy, dx):
-    """Recompute max-pool outputs `outs` from x; returns (index, Δ rows) of those that changed, updates y."""
+def _repool_nb(outs, x, y, rowmax, seen, h, w, ho, wo, kh, kw, sy, sx, py, px, dy, dx):
+    """Recompute the max-pool outputs `outs` from the input rows x, separably: the maximum over one window row
+    (input row iy, output column ox) is computed once per call into rowmax ((N*H*Wo, C) scratch; seen (N*H*Wo,)
+    uint8, all 0 between calls) and shared by every output whose window holds that row, so an output costs ~K*C,
+    not K*K*C, when its neighbours are recomputed too. Updates y; returns (index, Δ rows) of the outputs that
+    changed."""
     ch = x.shape[1]
     hw = h * w
     ohw = ho * wo
@@ -104,6 +35,8 @@ def _repool_nb(outs, x, y, h, w, ho, wo, kh, kw, sy, sx, py, px, dy, dx):
     idx = np.empty(b, np.int64)
     out = np.empty((b, ch), x.dtype)
     new = np.empty(ch, x.dtype)
+    used = np.empty(b * kh, np.int64)  # the rowmax rows filled in this call (their seen marks are cleared)
+    nu = 0
     m = 0
     for j in range(b):
         o = outs[j]
@@ -116,15 +49,25 @@ def _repool_nb(outs, x, y, h, w, ho, wo, kh, kw, sy, sx, py, px, dy, dx):
             iy = oy * sy - py + ky * dy
             if iy < 0 or iy >= h:
                 continue
-            for kx in range(kw):
-                ix = ox * sx - px + kx * dx
-                if ix < 0 or ix >= w:
-                    continue
-                src = n * hw + iy * w + ix
-                for c in range(ch):
-                    v = x[src, c]
-                    if v > new[c]:
-                        new[c] = v
+            q = (n * h + iy) * wo + ox
+            rm = rowmax[q]
+            if seen[q] == 0:
+                seen[q] = 1
+                used[nu] = q
+                nu += 1
+                rm[:] = -np.inf
+                for kx in range(kw):
+                    ix = ox * sx - px + kx * dx
+                    if ix < 0 or ix >= w:
+                        continue
+                    src = n * hw + iy * w + ix
+                    for c in range(ch):
+                        v = x[src, c]
+                        if v > rm[c]:
+                            rm[c] = v
+            for c in range(ch):
+                if rm[c] > new[c]:
+                    new[c] = rm[c]
         changed = False
         for c in range(ch):
             d = new[c] - y[o, c]
@@ -135,13 +78,9 @@ def _repool_nb(outs, x, y, h, w, ho, wo, kh, kw, sy, sx, py, px, dy, dx):
         if changed:
             idx[m] = o
             m += 1
+    for k in range(nu):
+        seen[used[k]] = 0
     return idx[:m], out[:m]
-
-
-# Above this active fraction the outputs are re-pooled (`_repool_nb`): with most pixels changing, the incremental
-# update's per-pixel passes over K*K outputs (and its re-maxes) cost 2-4x more (measured: 13x13 and 9x9 pools,
-# 128 channels, 50-100% active)
-INCREMENTAL_MAX_FRACTION = 0.25
 
 
 class SparseMaxPool2d:
@@ -170,7 +109,8 @@ class SparseMaxPool2d:
         self.y = torch.zeros(n * ho * wo, c)
         self._x_np, self._y_np = self.x.numpy(), self.y.numpy()  # x, y are updated in place, never replaced
         self._geometry = (h, w, ho, wo, *self.kernel, *self.stride, *self.padding, *self.dilation)
-        self._y0 = np.empty((n * ho * wo, c), np.float32) if self.backend == "numba" else None
+        self._rowmax = np.empty((n * h * wo, c), np.float32) if self.backend == "numba" else None
+        self._seen = np.zeros(n * h * wo, np.uint8)
         self._mark = np.zeros(n * ho * wo, np.uint8)
         self._touched = np.empty(n * ho * wo, np.int64)
 
@@ -185,16 +125,12 @@ class SparseMaxPool2d:
     def __call__(self, delta: PixelDelta) -> PixelDelta:
         if delta.active == 0:
             return PixelDelta.empty(self.out_shape, delta.values.dtype)
-        if self.backend == "numba" and delta.active_fraction > INCREMENTAL_MAX_FRACTION:
+        if self.backend == "numba":
             self.x.index_add_(0, delta.index, delta.values)
             p = self._reach
             outs = reach_nb(delta.index_np, *p.in_hw, *p.out_hw, *p.mul, *p.div, p.ntaps, p.off0_y, p.off0_x,
                             p.rel_y, p.rel_x, self._mark, self._touched)  # fmt: skip
-            idx, rows = _repool_nb(outs, self._x_np, self._y_np, *self._geometry)
-            return PixelDelta(idx, rows, self.out_shape)
-        if self.backend == "numba":
-            idx, rows = _maxpool_delta_nb(delta.index_np, delta.values_np, self._x_np, self._y_np, self._y0,
-                                          self._mark, self._touched, *self._geometry)  # fmt: skip
+            idx, rows = _repool_nb(outs, self._x_np, self._y_np, self._rowmax, self._seen, *self._geometry)
             return PixelDelta(idx, rows, self.out_shape)
         self.x.index_add_(0, delta.index, delta.values)
         return self._torch(reachable(self._reach, delta.index))
