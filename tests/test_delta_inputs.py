@@ -164,3 +164,43 @@ def test_a_frame_on_the_dense_engine_is_the_reference_of_the_next_frames_adaptiv
         assert shared == pytest.approx(direct, rel=0.15) and direct > 0.05
     eng._track_input(keyframe, geo, "refresh")  # re-seeded: an applied input, no stay's histogram
     assert eng._mirror.activity(3.0) is None
+
+
+def test_the_input_floor_rises_to_the_input_filters_floor_and_they_hold_nothing() -> None:
+    """YOLOv5n's first conv filters the network input with the relative floor (0.2 x the input's std, ~13 grey
+    levels) far above the input floor (3): the input delta takes that floor, so a change under it waits in the
+    input (x - applied) and the filter forwards every pixel it receives, holding none. YOLOX-Nano reads its input
+    through unfiltered slices (Focus): its input floor stays the configured one."""
+    from deluceva.engine import Engine, EngineConfig
+
+    with open_source(str(ROOT / "assets/video/one-by-one-person-detection.mp4"), max_frames=40) as src:
+        frames = list(src)
+    det = load_model("yolov5n")
+    eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", filter_pct=0.01,
+                                   relative_floor=0.2, warmup=False))
+    eng.process(frames[0])
+    net = eng.delta_network
+    (filt,) = net._input_filters
+    forwarded = 0
+    for f in frames[1:]:
+        x_before = net._x.clone()
+        eng.process(f)
+        floor = net.input_floor
+        assert floor == max(net.config.input_floor, filt.floor) and floor > 2 * net.config.input_floor
+        dx = net.last_input_delta
+        if dx is None:
+            continue
+        assert float(dx.values.abs().amax(1).min()) > floor  # only changes above the filter's floor go in
+        assert filt.candidates == filt.forwarded  # and the filter forwards all of them
+        forwarded += dx.active
+        # nothing dropped: the applied input moved by exactly the forwarded deltas
+        moved = (net._x - x_before).permute(0, 2, 3, 1).reshape(-1, 3)
+        assert torch.equal(moved.index_select(0, dx.index), dx.values)
+        assert int(moved.abs().amax(1).gt(0).sum()) == dx.active
+    assert forwarded > 0  # the person walks: pixels above the floor went through
+    yolox = Engine(load_model("yolox-nano"), EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta",
+                                                          filter_pct=0.01, relative_floor=0.2, warmup=False))
+    for f in frames[:3]:
+        yolox.process(f)
+    assert yolox.delta_network.input_filter_floor == 0.0
+    assert yolox.delta_network.input_floor == yolox.delta_network.config.input_floor

@@ -367,6 +367,15 @@ class Engine:
         through)."""
         return self._frame_floor if self.filter_pct > 0.0 else 0.0
 
+    def _idle_floor_grey(self) -> float:
+        """The floor in grey levels under which a pixel's change leaves the network idle: the input floor, or the
+        network's input filters' floor when higher (`DeltaNetwork.input_filter_floor`)."""
+        floor = self._input_floor_grey()
+        if floor <= 0.0:
+            return floor
+        scale = float(getattr(self.detector, "input_scale", 1 / 255))
+        return max(floor, self._delta.input_filter_floor / scale)
+
     def _noise_floor_for(self, img: np.ndarray) -> float:
         """The input floor in grey levels for the fitted uint8 image `img` (EngineConfig.adaptive_floor): the base
         floor, or adaptive_floor x the typical change when that is codec noise."""
@@ -388,7 +397,7 @@ class Engine:
         last = self._last_delta_dets
         if (mirror is None or net is None or last is None or last[1] != geo
                 or last[0] != net.frames_since_reset  # the last detections are of the network's last frame
-                or self._refresh_due() or not mirror.unchanged(img, self._input_floor_grey())):
+                or self._refresh_due() or not mirror.unchanged(img, self._idle_floor_grey())):
             return None
         t0 = time.perf_counter()
         if net.idle_frame() is None:

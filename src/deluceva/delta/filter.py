@@ -98,6 +98,11 @@ class _Stats:
         return self.config.noise_floor
 
     @property
+    def floor(self) -> float:
+        """Magnitudes at or under it are never forwarded (this frame's config; fixed between seeds)."""
+        return self._floor()
+
+    @property
     def _of_positions(self) -> bool:
         """Whether filter_pct is a percentage of all granules (FilterConfig.percent_of), not of the candidates."""
         return self.config.percent_of == "positions"
