@@ -287,21 +287,21 @@ def test_filter_direct_path_agrees_with_the_torch_backend(monkeypatch):
     assert True in taken and False in taken  # both the direct path and its undo ran
 
 
-def test_rows_to_planes_kernel_adds_and_copies():
+def test_row_add_kernel_adds_and_copies():
     if not HAVE_NUMBA:
         pytest.skip("numba not installed")
-    from deluceva.delta.kernels.planes import add_rows_to_planes_nb, no_copy
+    from deluceva.delta.kernels.rowadd import add_rows_nb, no_copy
 
     g = torch.Generator().manual_seed(5)
-    planes = torch.randn(255, 37 * 21, generator=g)
+    rows = torch.randn(37 * 21, 255, generator=g)
     idx = torch.randperm(37 * 21, generator=g)[:300].sort().values
     vals = torch.randn(300, 255, generator=g)
-    want = planes.clone().index_add_(1, idx, vals.t())
-    copy = planes.clone()
-    add_rows_to_planes_nb(planes.numpy(), idx.numpy(), vals.numpy(), copy.numpy())
-    assert torch.equal(planes, want) and torch.equal(copy, want)
-    add_rows_to_planes_nb(planes.numpy(), idx.numpy(), vals.numpy(), no_copy(255))
-    assert torch.equal(planes, want.index_add(1, idx, vals.t())) and torch.equal(copy, want)
+    want = rows.clone().index_add_(0, idx, vals)
+    copy = rows.clone()
+    add_rows_nb(rows.numpy(), idx.numpy(), vals.numpy(), copy.numpy())
+    assert torch.equal(rows, want) and torch.equal(copy, want)
+    add_rows_nb(rows.numpy(), idx.numpy(), vals.numpy(), no_copy(255))
+    assert torch.equal(rows, want.index_add(0, idx, vals)) and torch.equal(copy, want)
 
 
 def test_radix_selection_finds_the_partitions_kth_largest():

@@ -5,9 +5,9 @@ is a PyTorch eager pass plus the state set-up (YOLOv5n 768x448, 1 thread: 86 ms 
 the whole network). `OrtSeeder` exports the converted graph once with every value the units can take precomputed
 (`DeltaNetwork.given_nodes`: pre-activations, activations, pools) as extra graph outputs, runs it in ONNX Runtime
 and hands the values to `DeltaNetwork.seed_from`; the units then only set up their state. Values that only become
-channels-last state rows (`DeltaNetwork.row_nodes`: the pre-activations of convs) are exported transposed to NHWC,
-which ONNX Runtime does ~3x faster than PyTorch's NCHW -> rows copy (YOLOv5n 768x448: a re-seed 111-128 -> 94-108
-ms).
+channels-last state rows or output mirrors (`DeltaNetwork.row_nodes`: the pre-activations of convs, the outputs)
+are exported transposed to NHWC, which ONNX Runtime does ~3x faster than PyTorch's NCHW -> rows copy (YOLOv5n
+768x448: a re-seed 111-128 -> 94-108 ms).
 
 Exact runs (0% filtered, float64 state) keep seeding from their float64 pass (`seed_from` ignores the values).
 """

@@ -129,14 +129,14 @@ def upsample_nearest(d: PixelDelta, scale: int) -> PixelDelta | None:
         return None
 
 
-def add_rows_to_planes(targets: list[torch.Tensor], d: PixelDelta) -> bool:
-    """targets (1-3 equal float32 (C, P) contiguous planes) += d's rows (A, C) at d's pixels by the kernel, the
-    first target's new values copied to a second one; False (nothing done) when the kernel is unavailable."""
-    if not (enabled and d.is_float32) or len(targets) > 2 or (m := _module("planes")) is None or not m.HAVE_NUMBA:
+def add_rows(targets: list[torch.Tensor], d: PixelDelta) -> bool:
+    """targets (1-2 equal float32 (P, C) row views) += d's rows (A, C) at d's pixels by the kernel, the first
+    target's new values copied to the second; False (nothing done) when the kernel is unavailable."""
+    if not (enabled and d.is_float32) or len(targets) > 2 or (m := _module("rowadd")) is None or not m.HAVE_NUMBA:
         return False
-    planes = [t.numpy() for t in targets]
-    copy = planes[1] if len(planes) == 2 else m.no_copy(planes[0].shape[0])
-    m.add_rows_to_planes_nb(planes[0], d.index_np, d.values_np, copy)
+    rows = [t.numpy() for t in targets]
+    copy = rows[1] if len(rows) == 2 else m.no_copy(rows[0].shape[1])
+    m.add_rows_nb(rows[0], d.index_np, d.values_np, copy)
     return True
 
 

@@ -70,14 +70,15 @@ _USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 class _Output:
     """Full value of one graph output, updated by its deltas.
 
-    4-D floating tensors: `mirror`, the value in the working dtype as an NCHW tensor, changed only at the pixels a
-    delta touches (a frame costs O(changed pixels), not a full conversion of every output). With a wider
-    accumulation dtype (exact runs: float64) the accumulated value is kept as channels-last rows (N*H*W, C) (a
-    RowState) and the mirror is rewritten from them; with the working dtype itself the deltas are added to the
-    mirror directly (no rows: a re-seed of YOLOv5n at 768x448 saves three ~1.2 ms transposing copies). `get`
-    hands out a copy of the mirror; once the caller has let go of it (no reference, view or array left, not
-    modified: reference and storage counts, version counter), that same tensor is kept up to date at the touched
-    pixels and handed out again instead of a new copy, so callers still always get a tensor nobody else holds.
+    4-D floating tensors: `mirror`, the value in the working dtype as a channels-last (N, C, H, W) tensor, changed
+    only at the pixels a delta touches: a delta's rows (A, C) go into contiguous rows of it (a frame costs
+    O(changed pixels), not a full conversion of every output; NCHW planes took 255 strided writes per pixel:
+    YOLOv5n's heads at 768x448 cost 5-8 ms per busy frame). With a wider accumulation dtype (exact runs: float64)
+    the accumulated value is kept as channels-last rows (N*H*W, C) (a RowState) and the mirror is rewritten from
+    them; with the working dtype itself the deltas are added to the mirror directly. `get` hands out a copy of the
+    mirror; once the caller has let go of it (no reference, view or array left, not modified: reference and storage
+    counts, version counter), that same tensor is kept up to date at the touched pixels and handed out again
+    instead of a new copy, so callers still always get a tensor nobody else holds.
     """
 
     def __init__(self, value: Any, acc: torch.dtype) -> None:
@@ -89,8 +90,8 @@ class _Output:
             wide = torch.promote_types(value.dtype, acc)
             self.state = RowState(value, wide) if wide != value.dtype else None
             # the rows hold value in a dtype at least as wide: rounded back they are value itself, so the mirror is a
-            # plain copy of it (not a transposing conversion of the rows: ~2 ms per output at 768x448)
-            self.mirror = value.clone(memory_format=torch.contiguous_format)
+            # copy of it (a plain one when the seeder hands it channels-last: `DeltaNetwork.row_nodes`)
+            self.mirror = value.clone(memory_format=torch.channels_last)
             self._last: torch.Tensor | None = None  # the tensor handed out last (a normal tensor, not an inference one)
             self._last_version = -1
         else:
@@ -114,30 +115,19 @@ class _Output:
             else:
                 self._last = None
             n, c, h, w = self.shape
+            rows = [t.permute(0, 2, 3, 1).view(n * h * w, c) for t in targets]  # channels-last: views
             add = self.state is None  # mirror += Δ: the same float ops as rows of the working dtype would do
-            if add and n == 1 and self.dtype == torch.float32 and kernels_bridge.add_rows_to_planes(
-                    [t.view(c, h * w) for t in targets], d):
-                if self._last is not None:
-                    self._last_version = self._last._version
-                return
-            vals = d.values.to(self.dtype) if add else self.state.update(d.index, d.values)[1]  # (A, C) working dtype
-            for t in targets:
-                if n == 1:
-                    flat = t.view(c, h * w)
-                    (flat.index_add_ if add else flat.index_copy_)(1, d.index, vals.t())
-                    continue
-                b, p = d.index.div(h * w, rounding_mode="floor"), d.index.remainder(h * w)
-                if add:
-                    t.view(n, c, h * w)[b, :, p] += vals
-                else:
-                    t.view(n, c, h * w)[b, :, p] = vals
+            if not (add and self.dtype == torch.float32 and kernels_bridge.add_rows(rows, d)):
+                vals = d.values.to(self.dtype) if add else self.state.update(d.index, d.values)[1]  # (A, C)
+                for r in rows:
+                    (r.index_add_ if add else r.index_copy_)(0, d.index, vals)
             if self._last is not None:
                 self._last_version = self._last._version
         else:
             self.value = _add(self.value, d)
 
     def get(self) -> Any:
-        """A tensor nobody else holds (NCHW-contiguous for 4-D tensors), so callers may modify it."""
+        """A tensor nobody else holds (channels-last for 4-D tensors), so callers may modify it."""
         if self.rows:
             if not self._reusable():
                 with torch.inference_mode(False):  # a normal tensor: its version counter shows changes by the caller
@@ -491,8 +481,10 @@ class DeltaNetwork(nn.Module):
 
     @property
     def row_nodes(self) -> set[fx.Node]:
-        """Given nodes whose values seeding only copies into channels-last state rows (`Unit.row_nodes`)."""
-        return {n for s in self.delta_steps for n in s.unit.row_nodes()}
+        """Given nodes whose values seeding only copies into channels-last state rows (`Unit.row_nodes`) or
+        channels-last output mirrors (network outputs used by nothing else)."""
+        terminal = {n for n in self.out_nodes if set(n.users) == {self.output_node}}
+        return {n for s in self.delta_steps for n in s.unit.row_nodes()} | terminal
 
     def seed_from(self, x: torch.Tensor, values: dict[fx.Node, Any]) -> Any:
         """Seed every unit on input x like a dense call, taking the nodes' values from `values` (e.g. computed by a

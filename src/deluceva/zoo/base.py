@@ -182,6 +182,12 @@ def canvas_tensor(img: np.ndarray, input_hw: tuple[int, int], top: int, left: in
     return torch.from_numpy(x)[None]
 
 
+def head_rows(o: torch.Tensor) -> torch.Tensor:
+    """A head map (1, C, h, w) as rows (h*w, C), row-major over (y, x): a view of a channels-last map (the delta
+    network's outputs), a transposed copy of an NCHW one."""
+    return o.detach()[0].permute(1, 2, 0).reshape(-1, o.shape[1])
+
+
 class Detector:
     """A zoo or user detector. Subclasses (one per family) implement pre- and post-processing.
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from deluceva.errors import ModelError
-from deluceva.zoo.base import Detections, Detector, Geometry, nms_per_class
+from deluceva.zoo.base import Detections, Detector, Geometry, head_rows, nms_per_class
 from deluceva.zoo.darknet_cfg import parse_cfg
 from deluceva.zoo.darknet_net import DarknetNetwork, YoloSpec, load_weights
 
@@ -31,7 +31,7 @@ def decode_head(
     """
     _, ch, h, w = out.shape
     a = len(head.anchors)
-    t = out.detach().float().reshape(a, ch // a, h, w).permute(2, 3, 0, 1)  # (h, w, A, 5+C)
+    t = head_rows(out).float().reshape(h, w, a, ch // a)  # (h, w, A, 5+C)
     anchors = torch.tensor(head.anchors, dtype=torch.float32)  # (A, 2)
     gy, gx = torch.meshgrid(
         torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"

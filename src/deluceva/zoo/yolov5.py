@@ -20,7 +20,7 @@ import torch
 from onnx import numpy_helper
 
 from deluceva.errors import ModelError
-from deluceva.zoo.base import Detections, Detector, Geometry, canvas_tensor
+from deluceva.zoo.base import Detections, Detector, Geometry, canvas_tensor, head_rows
 from deluceva.zoo.onnx_family import class_names, grid_xy, select_detections, static_input_hw
 from deluceva.zoo.onnx_import import import_onnx
 from deluceva.zoo.onnx_load import load_onnx
@@ -86,6 +86,14 @@ def onnx_anchors(model: onnx.ModelProto, num_levels: int, num_anchors: int | Non
     return np.stack(levels).astype(np.float32)
 
 
+def _anchor_major(o: torch.Tensor, na: int) -> torch.Tensor:
+    """A head map (1, A*(5+C), h, w) as a view (A, h*w, 5+C) (NCHW or channels-last maps alike: no copy)."""
+    _, ch, h, w = o.shape
+    if o.is_contiguous():
+        return o.reshape(na, ch // na, h * w).permute(0, 2, 1)
+    return head_rows(o).reshape(h * w, na, ch // na).permute(1, 0, 2)
+
+
 def yolov5_decode(outputs: tuple[torch.Tensor, ...], input_hw: tuple[int, int], anchors: np.ndarray,
                   min_obj: float | None = None) -> np.ndarray:
     """Head maps -> the exporter's output rows (N, 5+C): [cx, cy, w, h] in input pixels, sigmoid obj, cls.
@@ -99,13 +107,13 @@ def yolov5_decode(outputs: tuple[torch.Tensor, ...], input_hw: tuple[int, int], 
         _, ch, h, w = o.shape
         na = len(anc)
         stride = np.float32(input_hw[0] / h)
-        raw = o.detach().float().reshape(na, ch // na, h * w)
+        raw = _anchor_major(o.detach().float(), na)  # (A, HW, 5+C)
         if min_obj is None:
-            s = torch.sigmoid(raw).permute(0, 2, 1).cpu().numpy()  # (A, HW, 5+C)
+            s = torch.sigmoid(raw).cpu().numpy()  # (A, HW, 5+C)
             grid, anc_wh = grid_xy(h, w)[None], anc[:, None, :]
         else:
-            a, p = (torch.sigmoid(raw[:, 4]) > min_obj).nonzero(as_tuple=True)  # row order: anchor, then pixel
-            s = torch.sigmoid(raw[a, :, p]).cpu().numpy()  # (K, 5+C)
+            a, p = (torch.sigmoid(raw[:, :, 4]) > min_obj).nonzero(as_tuple=True)  # row order: anchor, then pixel
+            s = torch.sigmoid(raw[a, p]).cpu().numpy()  # (K, 5+C)
             grid, anc_wh = grid_xy(h, w)[p.numpy()], anc[a.numpy()]
         xy = (s[..., :2] * 2 - 0.5 + grid) * stride
         wh = (s[..., 2:4] * 2) ** 2 * anc_wh

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from deluceva.errors import ModelError
-from deluceva.zoo.base import Detections, Detector, Geometry, canvas_tensor
+from deluceva.zoo.base import Detections, Detector, Geometry, canvas_tensor, head_rows
 from deluceva.zoo.onnx_family import class_names, grid_xy, select_detections, static_input_hw
 from deluceva.zoo.onnx_import import import_onnx
 from deluceva.zoo.onnx_load import load_onnx
@@ -47,7 +47,7 @@ def yolox_letterbox(rgb: np.ndarray, input_hw: tuple[int, int]) -> tuple[np.ndar
 
 def yolox_rows(outputs: tuple[torch.Tensor, ...]) -> np.ndarray:
     """Head maps -> the exporter's output rows (N, 5+C): levels in order, each flattened row-major (y, x)."""
-    return np.concatenate([o.detach().reshape(o.shape[1], -1).T.cpu().numpy() for o in outputs], axis=0)
+    return np.concatenate([head_rows(o).cpu().numpy() for o in outputs], axis=0)
 
 
 def yolox_decode(rows: np.ndarray, level_hw: list[tuple[int, int]], strides: list[float]) -> np.ndarray:
