@@ -54,7 +54,8 @@ def cpu_model() -> str:
 # another revision are stale (re-profiled or reported). 2: contiguous state rows and the fused activation step.
 # 3: NumPy-backed deltas and one-call kernels for few pixels (lower fixed cost per unit).
 # 4: the filter's direct path, the conv units' dense form on non-zero rows only (dense_ms of thin convs halved).
-KERNELS_REVISION = 4
+# 5: separable max-pool re-pooling (SPP pools 2-5x cheaper), channels-last output mirrors.
+KERNELS_REVISION = 5
 
 
 def library_versions() -> dict[str, str]:
