@@ -21,7 +21,8 @@ Per frame the median over repeats is taken, then mean and median over frames. Pr
 profile prediction (mean ms per frame incl. re-seeds, or the dense engine's) and the guard's per-frame predictions,
 against the mixed network's measured network time. Exposure swings: frames where nearly everything changes
 (`swing_positions`); per such frame mixed ms / ort ms.
-A missing or stale profile is made first (`deluceva profile` defaults, on the person video).
+A missing or stale profile is made first (`deluceva profile` defaults, on the person video), one per input size
+(`--imgsz native`: each video's own size).
 """
 
 from __future__ import annotations
@@ -260,11 +261,15 @@ def run_plan_benchmark(models: list[str], sizes: list[str], threads_list: list[i
                         ort = Engine(det, EngineConfig(mode="dense", imgsz=imgsz, threads=threads,
                                                        dense_engine="onnxruntime"))
                         hw = ort.input_hw_for(clip[0].rgb.shape[:2])
+                        video_cost = cost
+                        if (int(hw[0]), int(hw[1])) != tuple(prof.key.hw):  # "native": each video its own size
+                            video_cost = CostModel(ensure_profile(model, f"{hw[1]}x{hw[0]}", threads, profile_frames,
+                                                                  reprofile, console, progress_factory))
                         for pct in filters:
-                            cell = run_cell(det, clip, imgsz, threads, pct, repeats, ort, cost,
+                            cell = run_cell(det, clip, imgsz, threads, pct, repeats, ort, video_cost,
                                             lambda t=task: bar.update(t, advance=1), sched, relative_floor)
                             row = {"model": model, "imgsz": f"{hw[1]}x{hw[0]}", "threads": threads,
-                                   "video": video.name, "schedule": sched, **summarise(cell, clip, cost, pct),
+                                   "video": video.name, "schedule": sched, **summarise(cell, clip, video_cost, pct),
                                    "plan": cell["note"]}
                             rows.append(row)
     _print_table(rows, console)
