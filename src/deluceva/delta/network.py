@@ -9,8 +9,9 @@ delta forms in order (`Unit.__call__`), skipping units whose inputs all have a z
 tensors and updated by their deltas.
 Idle frames: when nothing is forwarded at the input and no filter would forward anything (nothing pending, or the
 percentage holds back all it has), the frame skips the unit loop and returns the previous outputs (`last_changed`
-False, `last_skipped` True). Outputs are kept per graph output as accumulated rows plus an NCHW copy in the working
-dtype, rewritten only at the pixels a delta touches; every call returns fresh copies of them.
+False, `last_skipped` True). Outputs are kept per graph output as a channels-last tensor in the working dtype (plus
+accumulated rows when those are wider), rewritten only at the pixels a delta touches; every call returns fresh
+copies of them.
 Input: Δx is taken against the input applied so far; with an input floor > 0 (`input_floor`: the configured one or
 the input filters' floor) pixels whose accumulated change is below the floor wait (delta.inputs).
 Per-unit modes (`set_unit_modes`): "delta", "dense" (the unit's dense form, e.g.
