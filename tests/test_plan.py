@@ -364,6 +364,34 @@ def test_with_a_relative_floor_dense_engine_bands_are_probed_from_the_first_fram
     assert "reseed" in runs[0.3][:3] and runs[0.3][0] == "ort"
 
 
+def test_without_a_profile_frames_are_guarded_against_the_dense_engine_timed_now(setup, tmp_path, monkeypatch):
+    """No profile for the model, size and threads: `--plan auto` still guards every frame against ONNX Runtime,
+    timed when the engine is prepared. The delta network is probed from the first calm frame on and measured on the
+    stream; every frame's output, whichever ran it, matches the dense network. `--plan delta` runs no guard."""
+    from deluceva.engine import Engine, EngineConfig
+
+    det, frames, _, _ = setup
+    monkeypatch.setenv("DELUCEVA_CACHE", str(tmp_path))  # an empty profile cache
+    runs = {}
+    for plan in ("auto", "delta"):
+        eng = Engine(det, EngineConfig(mode="delta", imgsz=f"{HW[1]}x{HW[0]}", filter_pct=0.0, plan=plan,
+                                       relative_floor=0.3))
+        eng.ensure_prepared((432, 768))
+        with torch.inference_mode():
+            for x in frames:
+                outs, _ = eng._run_delta(x)
+                runs.setdefault(plan, []).append(eng.last_plan_info["decision"])
+                for a, b in zip(outs, det.network(x), strict=True):
+                    assert torch.allclose(a, b, atol=1e-4 * max(1.0, float(b.abs().max())), rtol=0)
+        if plan == "auto":
+            assert "no profile" in eng.plan_note and "guarded against ONNX Runtime timed now" in eng.plan_note
+    auto = runs["auto"]
+    assert auto[0] == "ort" and "reseed" in auto[1:3]  # the first frame has no activity to judge by: dense
+    probe = auto.index("reseed")
+    assert auto[probe + 1: probe + 3] == ["delta", "delta"]  # a probe measures two delta frames before it judges
+    assert runs["delta"] == ["reseed"] + ["delta"] * (len(frames) - 1)
+
+
 def test_guard_prices_busy_frames_from_measured_ones_and_scales_an_overpricing_profile():
     """A codec keyframe (activity 0.3) after calm 20 ms delta frames: the profile (100 ms calm, 300 ms on a swing)
     predicts 77 ms, above 1.1x the dense engine's 60 ms, so it runs there; with `scale_bump` (a relative floor the

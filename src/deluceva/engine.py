@@ -174,7 +174,9 @@ class Engine:
         self._band: str | None = None  # kind of the last frame's plan band: units | ort | ort-probe
         self._x_prev: torch.Tensor | None = None
         self._dense_ms: float | None = None
-        if isinstance(self._plans, PlanSet) and self._plans.uses_dense_engine:
+        self._unprofiled: Any = None  # the guard's plan when no profile prices the units (`unprofiled_plan`)
+        unguarded = self._plans == "auto" and resolve_dense_engine(self.config.dense_engine) == "onnxruntime"
+        if (isinstance(self._plans, PlanSet) and self._plans.uses_dense_engine) or unguarded:
             if hw not in self._dense:
                 self._dense[hw] = make_dense(self.detector.network, hw, self.config.threads, self.config.dense_engine)
             run, x0, ms = self._dense[hw], torch.zeros(1, 3, *hw), []
@@ -183,6 +185,12 @@ class Engine:
                 run(x0)
                 ms.append((time.perf_counter() - t0) * 1e3)
             self._dense_ms = sorted(ms[1:])[2]
+            if unguarded:
+                from deluceva.plan.guard import unprofiled_plan
+
+                self._unprofiled = unprofiled_plan(self.filter_pct, self._dense_ms)
+                self.plan_note += (f"; frames guarded against ONNX Runtime timed now ({self._dense_ms:.0f} ms), "
+                                   "the delta network probed and measured on the stream")
 
     def ensure_prepared(self, source_hw: tuple[int, int]) -> tuple[int, int]:
         hw = self.input_hw_for(source_hw)
@@ -227,7 +235,7 @@ class Engine:
         net.config.input_floor = floor
         net.config.relative_floor = cfg.relative_floor if on else 0.0
         net.config.percent_of = cfg.filter_of
-        decision, act, guard = self._guard_decision(plan, x, floor)
+        decision, act, guard = self._guard_decision(plan or self._unprofiled, x, floor)
         if decision != "ort" and plan is not None and plan.kind == "ort":  # probing a dense-engine band's units
             apply_plan(net, dataclasses.replace(plan, kind="units"), pct)
         t0 = time.perf_counter()
@@ -285,7 +293,8 @@ class Engine:
             guard.leave_dense_band()  # leaving the band re-seeds (the network was refreshed)
             return "ort", None, guard
         if band != last and band == "ort-probe":
-            guard.enter_dense_band(probe=True, stay=0 if floored else PROBE_STAY)
+            # probed at once when floored or unprofiled: what the stay would wait for is a guess
+            guard.enter_dense_band(probe=True, stay=0 if floored or plan is self._unprofiled else PROBE_STAY)
         elif band != last and last == "ort-probe":
             guard.leave_dense_band()
         if prev is None or prev.shape != x.shape:

@@ -61,6 +61,8 @@ from statistics import median
 
 import torch
 
+from deluceva.plan.planner import Plan
+
 DECISIONS = ("delta", "ort", "reseed")
 PROBE_RATIO = 1.3  # dense-engine bands whose unit plan is predicted below this x the dense engine's time are probed
 PROBE_STAY = 8  # frames on the dense engine before the first probe of such a band
@@ -71,6 +73,19 @@ EARLY_WINDOW = 10  # a stay on the dense engine ends early when its last this ma
 EARLY_RATIO = 0.8  # ... cost at most this x the dense engine with a re-seed's extra cost spread over `horizon`
 PRICED_MIN = 3  # measured delta frames of about an activity needed to price it (`measured_ms`) ...
 PRICED_SPAN = 2.0  # ... their activity within this factor of it
+
+
+UNPROFILED_DELTA = 0.5  # an unprofiled network's guessed calm delta frame, x the dense engine (then measured) ...
+UNPROFILED_SWING = 2.5  # ... and its guessed frame of activity 1 (the guard prices measured frames by activity)
+
+
+def unprofiled_plan(pct: float, dense_ms: float) -> Plan:
+    """The guard's plan when no profile prices the delta network (none for this model, size and threads, or a
+    stale one): a dense-engine band that is always probed (kind "ort", its delta frames guessed at
+    UNPROFILED_DELTA x `dense_ms`, the dense engine's ms timed on this machine), so the guard measures the delta
+    network on the stream and keeps it where it wins; unit modes stay as they are (engine "auto")."""
+    return Plan(float(pct), {}, dense_ms, "ort", delta_ms=UNPROFILED_DELTA * dense_ms,
+                swing_ms=UNPROFILED_SWING * dense_ms, activity=0.01, dense_ms=dense_ms)
 
 
 def activity(x: torch.Tensor, prev: torch.Tensor, floor: float, step: int = 4) -> float:
