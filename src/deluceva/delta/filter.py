@@ -14,7 +14,6 @@ noise_floor = 0 and nothing pending, the incoming delta passes through untouched
 from __future__ import annotations
 
 import functools
-
 from typing import Any
 
 import torch
