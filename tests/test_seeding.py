@@ -40,8 +40,9 @@ def test_seeded_state_comes_from_the_exported_values(setup):
     det, frames, ort = setup
     net = convert(det.network, frames[0], state_dtype=torch.float32)
     seeder = OrtSeeder(net, HW, 1)
-    assert len(seeder.nodes) > 100  # every conv's pre-activation and activation, the pools
-    assert 50 <= sum(seeder.nhwc) < len(seeder.nodes)  # the convs' pre-activations come transposed to NHWC
+    convs = sum(1 for s in net.delta_steps if s.unit.kind.startswith("conv"))
+    # every conv's pre-activation, transposed to NHWC; the pools; no activation (computed from it when needed)
+    assert convs == sum(seeder.nhwc) == 60 and len(seeder.nodes) == convs + 3
     other = seeder.values(frames[40])
     assert all(tuple(v.shape) == tuple(n.meta["tensor_meta"].shape) for n, v in other.items())
     out = net.seed_from(frames[0], other)
@@ -98,3 +99,43 @@ def test_engine_seeds_from_onnx_runtime_and_reseeds_there(setup):
     off = Engine(det, EngineConfig(mode="delta", imgsz=f"{HW[1]}x{HW[0]}", filter_pct=50.0, plan="delta",
                                    dense_seed=False))
     assert off._seeders.get(off.ensure_prepared((720, 1280))) is None
+
+
+def test_reseeds_keep_the_filters_scale_and_a_new_stream_measures_it(setup):
+    """The relative floor's scale (std of each filter's input) is measured on a stream's first seed, from values
+    the ONNX Runtime seeder hands over lazily (activations computed only then) as from PyTorch's own seed; re-seeds
+    keep it (they need no activation values); after reset() the next seed measures the new frame."""
+    from deluceva.delta.filter import PixelFilter
+
+    det, frames, _ = setup
+
+    def scales(net):
+        return [f.scale for f in net._filters if isinstance(f, PixelFilter)]
+
+    net, ref = (convert(det.network, frames[0], filter_pct=1.0, relative_floor=0.2, state_dtype=torch.float32)
+                for _ in range(2))
+    seeder = OrtSeeder(net, HW, 1)
+    with torch.inference_mode():
+        seeder(frames[0])
+        ref(frames[0])
+        first = scales(net)
+        assert len(first) > 50 and all(s > 0 for s in first)
+        assert first == pytest.approx(scales(ref), rel=1e-4)
+        net.refresh()
+        seeder(frames[40])
+        assert scales(net) == first
+        net.reset()
+        ref.reset()
+        seeder(frames[40])
+        ref(frames[40])
+    assert scales(net) == pytest.approx(scales(ref), rel=1e-4)
+    assert sum(a != b for a, b in zip(scales(net), first, strict=True)) > len(first) // 2
+    net.RESCALE_FRAMES = 3  # a re-seed this many frames after the scales were measured measures them again
+    with torch.inference_mode():
+        net(frames[41])
+        net(frames[42])
+        net.refresh()
+        seeder(frames[43])
+        ref.reset()
+        ref(frames[43])
+    assert scales(net) == pytest.approx(scales(ref), rel=1e-4)

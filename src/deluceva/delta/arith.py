@@ -87,6 +87,7 @@ class AddUnit(Unit):
     """Δy = sa·Δa + sb·Δb (sa = 1 or -1 for rsub-like static first operand, sb = ±alpha)."""
 
     kind = "add"
+    seeds_shapes_only = True
 
     def seed(self, env: Env) -> Any:
         a, b = _operands(self.node)

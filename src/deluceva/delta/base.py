@@ -10,8 +10,12 @@ A unit is built once from its fx node. `seed(env)` runs the op densely on full v
 of any input node), stores the state the delta form needs and returns the full output. When the network seeds from
 values computed elsewhere (a dense engine exporting every intermediate tensor, `DeltaNetwork.seed_from`), `given(env,
 node)` returns a node's precomputed value and the unit skips computing it; `Unit.given_nodes()` names the nodes a
-unit can take that way. `__call__(*deltas)` takes the
-deltas of the node's varying inputs (order: `var_nodes`) and returns the output delta.
+unit can take that way. Seeding from given values is lazy: a value only some units need in full is handed on as
+a `LazyValue` (shape and dtype known, computed on first `env(node)`): a conv's activation (the next conv needs only
+its input's shape, its filter the scale of the seed it keeps on re-seeds) and, on re-seeds with unchanged input
+shapes, the outputs of units that `seeds_shapes_only` (add, cat, nearest upsampling, identity: their seed derives
+only shapes, so it is skipped). `__call__(*deltas)` takes the deltas of the node's varying inputs (order:
+`var_nodes`) and returns the output delta.
 """
 
 from __future__ import annotations
@@ -27,6 +31,34 @@ from deluceva.delta.pixels import PixelDelta
 
 Delta = Any  # None | PixelDelta | torch.Tensor | tuple[Delta, ...]
 Env = Callable[[fx.Node], Any]
+
+
+class LazyValue:
+    """A seeding value computed on first use: `get()` runs `fn()` once; shape and dtype: the value's."""
+
+    __slots__ = ("fn", "shape", "dtype", "_value")
+
+    def __init__(self, fn: Callable[[], torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.fn = fn
+        self.shape, self.dtype = tuple(shape), dtype
+        self._value: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor:
+        if self._value is None:
+            self._value = self.fn()
+            self.fn = None  # type: ignore[assignment]  # drop what it closed over
+        return self._value
+
+
+def lazy_seeding(env: Env) -> bool:
+    """Whether the seeding env takes LazyValues (seeding from given values)."""
+    return bool(getattr(env, "lazy", False))
+
+
+def shape_of(env: Env, node: fx.Node) -> tuple[int, ...]:
+    """The shape of node's seeding value without computing a lazy one."""
+    lookup = getattr(env, "shape", None)
+    return tuple(lookup(node) if lookup is not None else env(node).shape)
 
 
 def given(env: Env, node: fx.Node | None) -> Any:
@@ -259,6 +291,7 @@ class Unit:
     break_even = 1.0  # incoming active fraction above which the dense form is faster (auto mode)
     measured_break_even: float | None = None  # the same from this machine's profile (plan); replaces break_even
     mode = "auto"
+    seeds_shapes_only = False  # seed only derives shapes from its inputs (a lazy re-seed of the same shapes skips it)
 
     def __init__(self, node: fx.Node, var_nodes: list[fx.Node], module: Any = None) -> None:
         self.node = node

@@ -9,6 +9,7 @@ Fused activation: state = pre-activation z rows (N*Ho*Wo, Cout) incl. bias; Δy 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,17 @@ from deluceva.delta.activation import (
     emit_rows,
     fusable_activation,
 )
-from deluceva.delta.base import Delta, Env, Unit, given, pixels_from_dense, to_pixels
+from deluceva.delta.base import (
+    Delta,
+    Env,
+    LazyValue,
+    Unit,
+    given,
+    lazy_seeding,
+    pixels_from_dense,
+    shape_of,
+    to_pixels,
+)
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, functions, modules, register
 from deluceva.delta.state import RowState
@@ -173,15 +184,17 @@ class ConvUnit(Unit):
         return F.conv2d(x, w, b, p["stride"], p["padding"], p["dilation"], p["groups"])
 
     def seed(self, env: Env) -> Any:
-        x = env(self.var_nodes[0])
+        z = given(env, self.node)
+        src = self.var_nodes[0]
+        # a given pre-activation needs only the input's shape (module convs: the weights are attributes)
+        x = env(src) if z is None or self.module is None else None
         p = self._params(env)
         self.p = p
         w = p["weight"].detach()
         b = p["bias"].detach() if p["bias"] is not None else None
-        z = given(env, self.node)
         if z is None:
             z = self._dense_forward(x, w, b, p)
-        in_shape, out_shape = tuple(x.shape), tuple(z.shape)
+        in_shape, out_shape = (tuple(x.shape) if x is not None else shape_of(env, src)), tuple(z.shape)
         key = (in_shape, out_shape)
         if key not in self._ops:
             if self.transpose:
@@ -214,10 +227,12 @@ class ConvUnit(Unit):
         self._fused_small = (self.act is not None and hasattr(self.op, "run_small_act")
                              and self.state.z_np is not None and z.dtype == torch.float32)
         y = given(env, self.act_node)
+        if y is None and lazy_seeding(env):  # the next convs need only its shape: computed when a unit needs it
+            return LazyValue(functools.partial(self.f, z), z.shape, z.dtype)
         return self.f(z) if y is None else y
 
     def given_nodes(self) -> list[fx.Node]:
-        return [self.node, *self.fused]
+        return [self.node]  # the activation is computed from it when needed (LazyValue)
 
     def row_nodes(self) -> list[fx.Node]:
         return [self.node] if self.act_node is not None else []  # without activation z is also the unit's output

@@ -13,13 +13,12 @@ noise_floor = 0 and nothing pending, the incoming delta passes through untouched
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from deluceva.delta import kernels_bridge
-from deluceva.delta.base import Delta, FilterConfig, pixels_from_dense, to_dense
+from deluceva.delta.base import Delta, FilterConfig, LazyValue, pixels_from_dense, to_dense
 from deluceva.delta.pixels import PixelDelta
 
 
@@ -60,41 +59,6 @@ def held_count(pct: float, n: int, total: int | None = None, count_floor: int = 
 def holds_all(pct: float, n: int, total: int | None = None, count_floor: int = 0) -> bool:
     """Whether `select_forward` at `pct` holds back every one of n candidates (by the percentage alone)."""
     return held_count(pct, n, total, count_floor) >= n
-
-
-STD_SAMPLES = 1 << 12
-STD_RUN = 32  # the sample is read in runs of this many consecutive elements (cache lines, not a miss per element)
-
-
-def sample_std(x: torch.Tensor, samples: int = STD_SAMPLES, run: int = STD_RUN) -> float:
-    """Standard deviation of x's elements, from a sample of about `samples` of them (0 for fewer than 2 elements).
-    Seeds the relative floor: the full std of every filter input cost ~15 ms per re-seed of YOLOv5n at 768x448.
-    The sample: `samples // run` runs of `run` consecutive elements in memory order at golden-ratio offsets
-    (`_sample_index`; even spacing aliases with the channels of channels-last tensors and reads the same few
-    channels in every run), ~25 us for any size."""
-    n = x.numel()
-    if n < 2:
-        return 0.0
-    flat = memory_order(x)
-    if n <= samples:
-        return float(flat.std())
-    return float(flat.index_select(0, _sample_index(n, samples // run, run)).std())
-
-
-@functools.lru_cache(maxsize=256)
-def _sample_index(n: int, blocks: int, run: int) -> torch.Tensor:
-    """Indices of `blocks` runs of `run` consecutive elements of n, starting at the golden-ratio sequence's points
-    (a low-discrepancy cover of every residue, e.g. of the channel, and of every region)."""
-    frac = (torch.arange(1, blocks + 1, dtype=torch.float64) * 0.6180339887498949) % 1.0
-    starts = (frac * (n - run)).long().sort().values
-    return (starts[:, None] + torch.arange(run)).reshape(-1)
-
-
-def memory_order(x: torch.Tensor) -> torch.Tensor:
-    """x's elements as a 1-D contiguous tensor in memory order: a view for dense tensors in any dimension order
-    (channels-last included; `reshape(-1)` copies those, ~15 ms for a 5M-element pre-activation), else a copy."""
-    perm = sorted(range(x.dim()), key=lambda d: -x.stride(d))
-    return x.permute(perm).reshape(-1)
 
 
 class _Stats:
@@ -171,21 +135,27 @@ class _Stats:
 class PixelFilter(_Stats):
     """Filter for a 4-D input flowing as PixelDelta (granularity element / pixel / tile).
 
-    Floor (magnitudes <= it never forwarded): max(noise_floor, relative_floor * std of the input at seed).
+    Floor (magnitudes <= it never forwarded): max(noise_floor, relative_floor * scale), scale: the std of the input
+    at the stream's first seed (re-seeds of the same shape keep it: the floors do not jump between seeding cycles,
+    and a re-seed needs no input value, see deluceva.delta.base.LazyValue; `DeltaNetwork` clears it on `reset` and
+    every RESCALE_FRAMES frames).
     """
 
     def __init__(self, config: FilterConfig) -> None:
         self.config = config
         self.pending = False
-        self.scale = 0.0
+        self.scale: float | None = None
+        self.shape: tuple[int, ...] | None = None
         self._held_as = config.granularity  # the granularity of the last selection (what `candidates` counts)
 
     def _floor(self) -> float:
         cfg = self.config
         return max(cfg.noise_floor, cfg.relative_floor * self.scale)
 
-    def seed(self, x: torch.Tensor) -> None:
+    def seed(self, x: torch.Tensor | LazyValue) -> None:
+        """Seed on the input's full value x (a LazyValue is computed only when the scale is measured)."""
         n, c, h, w = x.shape
+        keep_scale = self.scale is not None and self.shape == (n, c, h, w) and self.dtype == x.dtype
         kf = getattr(self, "_kf", None)
         if kf and self.shape == (n, c, h, w) and self.dtype == x.dtype:
             # a re-seed of the same tensor: keep the buffers and the kernel, clear only what is held (the kernel's
@@ -198,7 +168,9 @@ class PixelFilter(_Stats):
             self.tile_id: torch.Tensor | None = None
         self.shape = (n, c, h, w)
         self.dtype = x.dtype
-        self.scale = sample_std(x)
+        if not keep_scale:  # measured once per stream (DeltaNetwork.RESCALE_FRAMES): the full std, ~15 ms per
+            # YOLOv5n seed at 768x448 (a sample's estimate depends on the memory layout and is ~10% off)
+            self.scale = float((x.get() if type(x) is LazyValue else x).std())
         self._carry_count()
         self.pending = False
         self.held_max = 0.0
@@ -376,7 +348,8 @@ class DenseFilter(_Stats):
         self.config = config
         self.pending = False
 
-    def seed(self, x: torch.Tensor) -> None:
+    def seed(self, x: torch.Tensor | LazyValue) -> None:
+        """Seed on the input's full value x (only its shape and dtype are read)."""
         self.r = torch.zeros(x.shape, dtype=x.dtype)
         self.granules = x.numel()
         self.pending = False

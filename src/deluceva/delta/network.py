@@ -34,6 +34,7 @@ from deluceva.delta.base import (
     UNIT_MODES,
     Delta,
     FilterConfig,
+    LazyValue,
     Unit,
     active_fraction,
     pixels_from_dense,
@@ -214,19 +215,40 @@ def _wants_dense(unit: Unit, ins: list[Delta]) -> bool:
 
 
 class _SeedEnv:
-    """Seeding env of the dense pass: `env(node)` the full value computed so far, `env.given(node)` a precomputed
-    one (or None; see deluceva.delta.base.given)."""
+    """Seeding env of the dense pass: `env(node)` the full value computed so far (a LazyValue is computed now),
+    `env.given(node)` a precomputed one (or None; see deluceva.delta.base.given), `env.shape(node)` its shape.
+    lazy: seeding from given values, units may hand on LazyValues."""
 
-    __slots__ = ("full", "values")
+    __slots__ = ("full", "values", "lazy")
 
     def __init__(self, full: dict[fx.Node, Any], values: dict[fx.Node, Any]) -> None:
         self.full, self.values = full, values
+        self.lazy = bool(values)
 
     def __call__(self, node: fx.Node) -> Any:
-        return self.full[node]
+        v = self.full[node]
+        if type(v) is LazyValue:
+            v = self.full[node] = v.get()
+        return v
 
     def given(self, node: fx.Node) -> Any:
         return self.values.get(node)
+
+    def shape(self, node: fx.Node) -> Any:
+        return self.full[node].shape
+
+
+
+def _seed_shapes_only(unit: Unit, env: _SeedEnv) -> Any:
+    """Seed a unit that `seeds_shapes_only`: when seeding lazily with the input shapes of its last seed, skip its
+    seed (what it derives is unchanged) and hand on its output as a LazyValue; else seed it on full values."""
+    shapes = tuple((tuple(env.shape(n)), getattr(env.full[n], "dtype", None)) for n in unit.var_nodes)
+    last = getattr(unit, "_seeded_for", None)
+    if env.lazy and last is not None and last[0] == shapes:
+        return LazyValue(lambda: unit.run(*unit.materialize(env)), *last[1])
+    out = unit.seed(env)
+    unit._seeded_for = (shapes, (tuple(out.shape), out.dtype)) if isinstance(out, torch.Tensor) else None
+    return out
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
@@ -251,6 +273,10 @@ class DeltaNetwork(nn.Module):
     # delta arithmetic accumulates like sqrt(frames) (YOLOX-Nano, car video at 768x448: the output is 1.0e-4 of its
     # scale off a float64 run after 280 frames without; <= 3.5e-5 over 300 frames with it). Idle frames add none.
     EXACT_RESEED = 100
+    # Re-seeds keep the filters' scale (the relative floor's std of each input, measured on the stream's first seed)
+    # so that they need no activation values; a seed this many frames after it measures the scale again (lighting
+    # drifts over a long stream, day to night).
+    RESCALE_FRAMES = 900
 
     def __init__(self, gm: fx.GraphModule, config: FilterConfig, filter_all: bool = False) -> None:
         super().__init__()
@@ -417,9 +443,16 @@ class DeltaNetwork(nn.Module):
         self._idle_since = 0  # first frame of the current run of idle frames
         self._env: list[Delta] = []
         self._frame = 0  # frames run since reset (keys the last_stats cache)
+        self._forget_scales()
         self._deltas_since_seed = 0  # delta frames (idle ones not counted) since the last dense frame
         self._seed_dtype = self.config.seed_state_dtype  # the state dtype of the last seed
         self._stats_cache: tuple[int, list[dict[str, Any]]] | None = None
+
+    def _forget_scales(self) -> None:
+        """The next seed measures the filters' scales (a new stream, or RESCALE_FRAMES since they were)."""
+        for f in self._filters:
+            f.scale = None
+        self._scaled_at = self._frame
 
     def refresh(self) -> None:
         """Make the next call run dense and re-seed every unit's state (the filters keep their average candidate
@@ -512,28 +545,31 @@ class DeltaNetwork(nn.Module):
             if self._gm64 is None:
                 self._gm64 = copy.deepcopy(self.gm).double()
             ref = reference_values(self.gm, self._gm64, x)
+        if self._frame - self._scaled_at >= self.RESCALE_FRAMES:
+            self._forget_scales()
         full: dict[fx.Node, Any] = {self.input_node: x}
         env = _SeedEnv(full, values or {})
         perf = time.perf_counter
         for step in self.steps:
             t0 = perf()
-            out = step.unit.seed(env)
-            chain = getattr(step.unit, "fused", [])
+            unit = step.unit
+            out = _seed_shapes_only(unit, env) if unit.seeds_shapes_only else unit.seed(env)
+            chain = getattr(unit, "fused", [])
             if ref is not None:  # downstream units seed from the float64 values rounded once, not from ours
                 out_node = chain[-1] if chain else step.node
                 out = _like(ref[out_node], out)
             full[step.node] = out
             if step.filters:
-                for f, n in zip(step.filters, step.unit.var_nodes, strict=True):
+                for f, n in zip(step.filters, unit.var_nodes, strict=True):
                     if f is not None:
-                        f.seed(full[n])
+                        f.seed(full[n])  # a LazyValue: a re-seed keeps the scale, no value needed
             step.ms = (perf() - t0) * 1e3
             step.last_in = []
             step.ran = "dense"
             for f in chain:
                 full[f] = out
         self._x = x.detach().clone()
-        self._outs = {n: _Output(full[n], self.config.seed_state_dtype) for n in self.out_nodes}
+        self._outs = {n: _Output(env(n), self.config.seed_state_dtype) for n in self.out_nodes}
         self._seed_dtype = self.config.seed_state_dtype
         self._dense_next = False
         self._deltas_since_seed = 0

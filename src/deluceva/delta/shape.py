@@ -118,6 +118,7 @@ class IdentityUnit(Unit):
     """Δy = Δx (contiguous, clone, detach, same-dtype casts)."""
 
     kind = "identity"
+    seeds_shapes_only = True
 
     def seed(self, env: Env) -> Any:
         return self.run(*self.materialize(env))
@@ -162,6 +163,7 @@ class ChannelCatUnit(Unit):
     """cat along channels of 4-D tensors: union of the active pixels, each input's channels at its offset."""
 
     kind = "cat"
+    seeds_shapes_only = True
 
     def seed(self, env: Env) -> Any:
         args, kwargs = self.materialize(env)

@@ -24,6 +24,7 @@ class NearestUpUnit(Unit):
     """Nearest upsampling by integer factors (s_y, s_x) on PixelDeltas."""
 
     kind = "upsample_nearest"
+    seeds_shapes_only = True
 
     def seed(self, env: Env) -> Any:
         out = self.run(*self.materialize(env))
