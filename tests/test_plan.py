@@ -494,18 +494,22 @@ def _probe_run(delta_ms: float, frames: int = 60, grow: tuple[float, float] | No
 def test_dense_engine_band_probes_the_delta_network_and_keeps_it_when_it_wins():
     """A band the profile clip put on ONNX Runtime (its unit plan predicted 1.1x slower) is probed: on calmer content
     the units run at 25 ms and the guard keeps them; at 44 ms (1.1x) a probe measures two delta frames and loses, at
-    60 ms (1.5x) one; lost probes grow rarer (stays of 8, 32, 128 frames)."""
+    60 ms (1.5x) one; lost probes grow rarer (stays of 8, 32, 128 frames), and a probe lost by far (100 ms, its
+    cycle 2x the dense engine's) waits longer before the next."""
     won = _probe_run(25.0)
     assert won.count("ort") == 8 and won[-40:].count("delta") >= 35
     # cheap right after the re-seed, then costlier every frame (held-back residuals at 50%): the cycles lose
     growing = _probe_run(0.0, frames=100, grow=(30.0, 12.0))
     probes = [i for i, d in enumerate(growing) if d == "reseed"]
     assert len(probes) == 2 and probes[1] - probes[0] >= 32
-    for delta_ms, measured in ((44.0, 2), (60.0, 1)):
+    gaps = {}
+    for delta_ms, measured in ((44.0, 2), (60.0, 1), (100.0, 1)):
         lost = _probe_run(delta_ms, frames=100)
         probes = [i for i, d in enumerate(lost) if d == "reseed"]
         assert len(probes) == 2 and probes[1] - probes[0] >= 32
         assert lost.count("delta") == measured * len(probes)
+        gaps[delta_ms] = probes[1] - probes[0]
+    assert max(gaps[44.0], gaps[60.0]) < gaps[100.0] - 5
 
 
 def _set_curve(unit: dict, works: list[float], delta_ms: list[float], dense_ms: float) -> None:

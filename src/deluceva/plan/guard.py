@@ -49,8 +49,10 @@ measured on a synthetic exposure swing (the last profile frame 6% brighter) at t
   PROBE_RATIO of it: the prediction comes from the profile clip, and calmer content runs the same units much
   faster): after the stay on the dense engine, a calm frame re-seeds and two delta frames are measured (one when
   the first is clearly slower: PROBE_LOSS); a probe whose cycle (re-seed and delta frames until the guard leaves)
-  cost more than the dense engine over the same frames multiplies the stay by PROBE_BACKOFF, so that exploring
-  costs a few % at most; a won one keeps the delta network under the rules above.
+  cost more than the dense engine over the same frames multiplies the stay by PROBE_BACKOFF, and by the cycle's cost
+  over the dense engine's / PROBE_LOSS_REF when larger (a probe lost by far waits longer: on the pets video each
+  YOLOX-Nano probe cost ~2.5x the dense engine's frames), so that exploring costs a few % at most; a won one keeps
+  the delta network under the rules above.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ DECISIONS = ("delta", "ort", "reseed")
 PROBE_RATIO = 1.3  # dense-engine bands whose unit plan is predicted below this x the dense engine's time are probed
 PROBE_STAY = 8  # frames on the dense engine before the first probe of such a band
 PROBE_LOSS = 1.2  # a probe's first delta frame above this x the dense engine loses it at once
-PROBE_BACKOFF = 4  # a lost probe multiplies the stay before the next one by this (8, 32, 128, 256 frames)
+PROBE_BACKOFF = 4  # a lost probe multiplies the stay before the next one by this (8, 32, 128, 256 frames) ...
+PROBE_LOSS_REF = 1.5  # ... and by its cycle's cost over the dense engine's / this, when larger (a probe lost by far)
 SIMILAR_ACTIVITY = 0.25  # delta frames within this share of a frame's activity (+ 0.02) price it (`delta_ms`)
 EARLY_WINDOW = 10  # a stay on the dense engine ends early when its last this many frames, priced as delta frames ...
 EARLY_RATIO = 0.8  # ... cost at most this x the dense engine with a re-seed's extra cost spread over `horizon`
@@ -360,7 +363,9 @@ class FrameGuard:
             if won:
                 self.backoff = self.min_stay  # this cycle won: the delta network pays on this content
             elif self.probe and self._cycle_n and self._cycle_ms > self._cycle_n * self.ort:
-                self.backoff = min(self.backoff * PROBE_BACKOFF, 256)  # this probe's cycle cost more than dense
+                # this probe's cycle cost more than dense: the more so, the longer until the next
+                loss = self._cycle_ms / (self._cycle_n * self.ort)
+                self.backoff = min(int(self.backoff * PROBE_BACKOFF * max(1.0, loss / PROBE_LOSS_REF)), 256)
             elif self._cycle_n and not self._lost and self._cycle_n <= 8:
                 self.backoff = min(self.backoff * 2, 256)  # a short cycle lost: return (re-seed) less often
         self.state, self.stay = "ort", max(stay, self.backoff)
