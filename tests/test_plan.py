@@ -418,6 +418,21 @@ def test_guard_prices_busy_frames_from_measured_ones_and_scales_an_overpricing_p
     assert guard.decide(1.0) == "ort"
 
 
+def test_guard_prices_the_dense_engine_past_a_spike_in_its_first_frames():
+    """Until 3 dense-engine frames are measured, the initial estimate (timed when the engine is prepared) fills in:
+    one 56 ms spike among 25-31 ms frames does not make the dense engine look 44 ms dear; a seeding frame's price
+    likewise skips the stream's first, costlier seed."""
+    guard = FrameGuard(DeltaCost(20.0, 60.0, 0.02), ort_ms=25.0, seed_ms=60.0)
+    guard.observe("ort", 31.0)
+    guard.observe("ort", 56.0)
+    assert guard.ort == 31.0
+    for _ in range(3):
+        guard.observe("ort", 27.0)
+    assert guard.ort == 27.0
+    guard.observe("reseed", 150.0)
+    assert guard.seed == 60.0
+
+
 def test_guard_rents_slightly_slower_frames_before_throwing_the_state_away():
     """Frames up to 1.1x the dense engine stay on the delta network until the excess paid reaches a re-seed's extra
     cost (leaving refreshes the state); above 1.1x they leave at once."""

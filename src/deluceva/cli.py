@@ -48,9 +48,9 @@ def detect(
     probe_every: Annotated[int, typer.Option(help="With --error-target: probe (also run dense) every N frames")] = 10,
     relative_floor: Annotated[float, typer.Option(
         help="Delta mode, --filter > 0: every filter also holds back changes up to this fraction of its input's "
-             "std at the last dense frame (e.g. --filter 0.01 --relative-floor 0.2, YOLOv5n: mAP 0.99-1.00 at "
-             "0.95-1.55x ONNX Runtime on the shipped videos, fastest on calm scenes; profiles and plans are made "
-             "without it)")] = 0.0,
+             "std, measured at the stream's first frame (e.g. --filter 0.01 --relative-floor 0.2, YOLOv5n: mAP "
+             "0.99-1.00 at 0.95-1.55x ONNX Runtime on the shipped videos, fastest on calm scenes; profiles and plans "
+             "are made without it)")] = 0.0,
     filter_of: Annotated[str, typer.Option(
         help="Delta mode: --filter is a percentage of each filter's changed positions (changes) or of all its "
              "positions (positions: at most 100 - P % forwarded; profiles and plans are made with changes)")

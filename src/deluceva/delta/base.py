@@ -93,7 +93,7 @@ class FilterConfig:
     tile: int = 8
     state_dtype: torch.dtype = torch.float64
     input_floor: float = 0.0  # the network input's filter: pixels whose accumulated change is <= it wait (input units)
-    relative_floor: float = 0.0  # each filter's floor = relative_floor * std of its input at the last dense frame
+    relative_floor: float = 0.0  # each filter's floor = relative_floor * std of its input at the stream's first seed
     filtered_state_dtype: torch.dtype | None = torch.float32
     percent_of: str = "changes"  # filter_pct of what: "changes" (the granules with a pending delta) | "positions" (all)
     count_smoothing: float = 0.1  # "changes": weight per call of the average candidate count carried over re-seeds
