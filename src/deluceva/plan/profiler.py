@@ -109,7 +109,8 @@ def run_pass(net: Any, frames: Sequence[torch.Tensor], pct: float, mode: str, ti
     Returns {units: per unit {active_in, work (means), ms (median: robust to other processes' interference), and
     with a swing: swing_work, swing_ms (means of the two swing frames)}, frame_ms: median whole-network ms per delta
     frame (units plus the network's own per-frame work: input delta, outputs), seed_ms: per unit ms of the seeding
-    frame, seed_frame_ms: its whole-network ms, swing_frame_ms (or None), activity: mean input activity (guard.activity
+    frame, seed_frame_ms: its whole-network ms (a re-seed: frames[0] is seeded twice, the stream's first seed also
+    measures the filters' scales), swing_frame_ms (or None), activity: mean input activity (guard.activity
     against the previous frame) over frames[1:]}.
     """
     net.reset()
@@ -118,7 +119,9 @@ def run_pass(net: Any, frames: Sequence[torch.Tensor], pct: float, mode: str, ti
     if hasattr(net, "config"):
         net.config.input_floor = floor
     set_all_modes(net, mode)
-    seed_frame_ms = _timed(lambda: (seeder or net)(frames[0]))
+    (seeder or net)(frames[0])  # the stream's first seed also measures the filters' scales (once per stream) ...
+    net.refresh()
+    seed_frame_ms = _timed(lambda: (seeder or net)(frames[0]))  # ... the guard pays re-seeds, which keep them
     seed_ms = [float(r["ms"]) for r in net.last_stats]
     rows: list[list[tuple[float, float, float]]] = [[] for _ in seed_ms]
     totals, acts = [], []
