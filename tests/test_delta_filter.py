@@ -236,4 +236,3 @@ def test_reseed_keeps_the_buffers_and_holds_nothing(kernels):
         assert torch.equal(used.r, fresh.r) and used.pending == fresh.pending
     used.seed(torch.zeros(1, 8, 10, 12))  # another shape: new buffers
     assert tuple(used.r.shape) == (120, 8) and float(used.r.abs().max()) == 0.0
-

@@ -175,8 +175,8 @@ class Engine:
         self._x_prev: torch.Tensor | None = None
         self._dense_ms: float | None = None
         self._unprofiled: Any = None  # the guard's plan when no profile prices the units (`unprofiled_plan`)
-        unguarded = self._plans == "auto" and resolve_dense_engine(self.config.dense_engine) == "onnxruntime"
-        if (isinstance(self._plans, PlanSet) and self._plans.uses_dense_engine) or unguarded:
+        unprofiled = self._plans == "auto" and resolve_dense_engine(self.config.dense_engine) == "onnxruntime"
+        if (isinstance(self._plans, PlanSet) and self._plans.uses_dense_engine) or unprofiled:
             if hw not in self._dense:
                 self._dense[hw] = make_dense(self.detector.network, hw, self.config.threads, self.config.dense_engine)
             run, x0, ms = self._dense[hw], torch.zeros(1, 3, *hw), []
@@ -185,7 +185,7 @@ class Engine:
                 run(x0)
                 ms.append((time.perf_counter() - t0) * 1e3)
             self._dense_ms = sorted(ms[1:])[2]
-            if unguarded:
+            if unprofiled:
                 from deluceva.plan.guard import unprofiled_plan
 
                 self._unprofiled = unprofiled_plan(self.filter_pct, self._dense_ms)

@@ -194,7 +194,7 @@ class ConvUnit(Unit):
         b = p["bias"].detach() if p["bias"] is not None else None
         if z is None:
             z = self._dense_forward(x, w, b, p)
-        in_shape, out_shape = (tuple(x.shape) if x is not None else shape_of(env, src)), tuple(z.shape)
+        in_shape, out_shape = shape_of(env, src), tuple(z.shape)
         key = (in_shape, out_shape)
         if key not in self._ops:
             if self.transpose:

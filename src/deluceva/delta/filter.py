@@ -155,9 +155,10 @@ class PixelFilter(_Stats):
     def seed(self, x: torch.Tensor | LazyValue) -> None:
         """Seed on the input's full value x (a LazyValue is computed only when the scale is measured)."""
         n, c, h, w = x.shape
-        keep_scale = self.scale is not None and self.shape == (n, c, h, w) and self.dtype == x.dtype
+        same = self.shape == (n, c, h, w) and self.dtype == x.dtype
+        keep_scale = same and self.scale is not None
         kf = getattr(self, "_kf", None)
-        if kf and self.shape == (n, c, h, w) and self.dtype == x.dtype:
+        if kf and same:
             # a re-seed of the same tensor: keep the buffers and the kernel, clear only what is held (the kernel's
             # candidate list); rebuilding them costs a full zeroing and scan of r and m in the next delta frame
             kf.reset()
