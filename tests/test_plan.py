@@ -19,7 +19,8 @@ from deluceva.errors import DelucevaError
 from deluceva.plan import CostModel, PlanSet, Profile, ProfileKey, apply_plan, make_plan, make_planset, timemodel
 from deluceva.plan.guard import DeltaCost, FrameGuard, activity
 from deluceva.plan.planner import cycle_ms
-from deluceva.plan.profiler import profile_network, unit_sizes, work_fractions
+from deluceva.plan.profiler import FILTERED_MIN, profile_network, run_pass, unit_sizes, work_fractions
+from deluceva.plan.profiler import PCTS as PROFILED_PCTS
 from deluceva.plan.session import decode_frames, resolve_plan, swing_frame
 from deluceva.plan.store import KERNELS_REVISION, default_profile_path, fingerprint
 from deluceva.zoo.registry import load_model
@@ -69,6 +70,29 @@ def test_profile_covers_every_unit_in_both_modes(setup):
     assert works[0] > works[1] > works[2] > 0.0
     # real video: the input changes somewhere on every frame, so at 0% the first conv has work to do
     assert first["points"][0]["delta_ms"] > 0.0 and first["points"][0]["dense_ms"] > 0.0
+
+
+def test_small_filters_are_priced_from_the_filtered_regime_not_the_exact_one(setup):
+    """--filter 0 runs exact (float64 state, no floors); any --filter > 0 runs filtered (float32 state, the input
+    floor): the default percentages profile both, so a small filter's band is not interpolated from the exact run."""
+    _, frames, net, _ = setup
+    assert PROFILED_PCTS[:2] == (0.0, FILTERED_MIN) and FILTERED_MIN > 0.0
+
+    def state_dtypes() -> set[torch.dtype]:
+        return {u.state.z.dtype for u in net.units if getattr(u, "state", None) is not None}
+
+    try:
+        exact = run_pass(net, frames, 0.0, "delta", input_floor=3 / 255)
+        assert net.config.exact and net.config.input_floor == 0.0 and state_dtypes() == {torch.float64}
+        filtered = run_pass(net, frames, FILTERED_MIN, "delta", input_floor=3 / 255)
+        assert not net.config.exact and net.config.input_floor == 3 / 255 and state_dtypes() == {torch.float32}
+    finally:
+        net.config.input_floor = 0.0
+        net.filter_pct = 0.0
+        net.reset()
+    # real video: the input floor holds codec noise back, so fewer input pixels change in the filtered regime
+    assert filtered["activity"] < exact["activity"]
+    assert sum(u["active_in"] for u in filtered["units"]) < sum(u["active_in"] for u in exact["units"])
 
 
 def test_plan_choices_follow_the_profile(setup):

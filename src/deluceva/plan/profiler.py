@@ -26,7 +26,11 @@ from deluceva.plan import timemodel
 from deluceva.plan.guard import activity
 from deluceva.plan.store import Profile, ProfileKey, fingerprint
 
-PCTS: tuple[float, ...] = (0.0, 50.0, 75.0, 90.0, 95.0, 98.0, 99.0, 99.5)
+# 0: the exact regime (float64 state, no floors: what --filter 0 runs); FILTERED_MIN: the filtered regime with
+# nothing held back by the percentage (float32 state, the input floor), which any --filter > 0 runs. Interpolating
+# small percentages from 0 alone priced their re-seeds ~5x and delta frames 1.3-2x what they cost.
+FILTERED_MIN = 0.01
+PCTS: tuple[float, ...] = (0.0, FILTERED_MIN, 50.0, 75.0, 90.0, 95.0, 98.0, 99.0, 99.5)
 MODES: tuple[str, ...] = ("delta", "dense")
 Tick = Callable[[str], None]
 

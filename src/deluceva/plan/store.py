@@ -55,8 +55,9 @@ def cpu_model() -> str:
 # 3: NumPy-backed deltas and one-call kernels for few pixels (lower fixed cost per unit).
 # 4: the filter's direct path, the conv units' dense form on non-zero rows only (dense_ms of thin convs halved).
 # 5: separable max-pool re-pooling (SPP pools 2-5x cheaper), channels-last output mirrors.
-# 6: lazy seeding (re-seeds ~2x cheaper: the profiles' seed times).
-KERNELS_REVISION = 6
+# 6: lazy seeding (re-seeds ~2x cheaper: the profiles' seed times). 7: profiles add the filtered regime at
+# FILTERED_MIN % (profiler.PCTS).
+KERNELS_REVISION = 7
 
 
 def library_versions() -> dict[str, str]:
