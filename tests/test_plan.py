@@ -551,6 +551,22 @@ def test_dense_engine_band_probes_the_delta_network_and_keeps_it_when_it_wins():
     assert max(gaps[44.0], gaps[60.0]) < gaps[100.0] - 5
 
 
+def test_a_probe_priced_a_clear_loss_by_two_earlier_ones_at_its_activity_is_skipped():
+    """Two probes at activity 0.02 measured the delta network at 2.5x the dense engine: later stays end without a
+    re-seed while the activity stays within a factor 2 of theirs, and a calmer scene (0.005) is probed again."""
+    guard = FrameGuard(DeltaCost(44.0, 80.0, 0.02), ort_ms=40.0, seed_ms=60.0)
+    guard.enter_dense_band(probe=True, stay=0)
+    decisions = []
+    for i in range(700):
+        a = 0.02 if i < 600 else 0.005
+        d = guard.decide(a)
+        decisions.append(d)
+        guard.observe(d, {"ort": 40.0, "reseed": 60.0, "delta": 100.0 if a > 0.01 else 20.0}[d])
+    probes = [i for i, d in enumerate(decisions) if d == "reseed"]
+    assert len([i for i in probes if i < 600]) == 2  # without the rule: a probe every 256 frames after these
+    assert any(600 <= i < 600 + 257 for i in probes) and decisions[-20:].count("delta") >= 19
+
+
 def _set_curve(unit: dict, works: list[float], delta_ms: list[float], dense_ms: float) -> None:
     """Give a profile unit a delta-form work curve (one point per percentage > 0, the swing point repeating the
     last) and a constant dense time; the exact pass (pct 0) gets a point that must be ignored."""

@@ -332,7 +332,8 @@ class Engine:
                 x, geo = self.detector.preprocess(rgb, hw)
             else:
                 img, geo = fitted
-                self._frame_floor = self._noise_floor_for(img)
+                if not self._dense_stay():  # a frame that stays on the dense engine needs no adaptive floor
+                    self._frame_floor = self._noise_floor_for(img)
                 idle = self._idle_frame(img, geo)
                 if idle is not None:
                     return idle, "delta"
@@ -365,6 +366,12 @@ class Engine:
                 dets = self.detector.postprocess(outs, geo)
         self._last_delta_dets = (frame, geo, dets) if mode != "dense" else None
         return dets, mode
+
+    def _dense_stay(self) -> bool:
+        """Whether the guard keeps this frame on the dense engine without reading its activity (a stay that cannot
+        end early): its input floor and change histogram are then not needed."""
+        guard = self._guard
+        return guard is not None and guard.state == "ort" and guard.stay > 0 and not guard.needs_activity()
 
     def _refresh_due(self) -> bool:
         """Whether `refresh_every` asks for a dense re-seed at this frame."""

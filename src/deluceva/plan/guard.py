@@ -52,7 +52,10 @@ measured on a synthetic exposure swing (the last profile frame 6% brighter) at t
   cost more than the dense engine over the same frames multiplies the stay by PROBE_BACKOFF, and by the cycle's cost
   over the dense engine's / PROBE_LOSS_REF when larger (a probe lost by far waits longer: on the pets video each
   YOLOX-Nano probe cost ~2.5x the dense engine's frames), so that exploring costs a few % at most; a won one keeps
-  the delta network under the rules above.
+  the delta network under the rules above. A probe is skipped (the stay starts again) when PROBE_PRICED or more of the
+  first delta frames after the last re-seeds had about the frame's activity and all cost over PROBE_LOSS x the dense
+  engine: the content has not changed in a way that could make it win (pets video, 2 threads: each YOLOX-Nano probe
+  cost 4-6x the dense engine's frames).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ PROBE_RATIO = 1.3  # dense-engine bands whose unit plan is predicted below this 
 PROBE_STAY = 8  # frames on the dense engine before the first probe of such a band
 PROBE_LOSS = 1.2  # a probe's first delta frame above this x the dense engine loses it at once
 PROBE_BACKOFF = 4  # a lost probe multiplies the stay before the next one by this (8, 32, 128, 256 frames) ...
+PROBE_PRICED = 2  # a probe is skipped when this many fresh delta frames at about its activity were clear losses
 PROBE_LOSS_REF = 1.5  # ... and by its cycle's cost over the dense engine's / this, when larger (a probe lost by far)
 SIMILAR_ACTIVITY = 0.25  # delta frames within this share of a frame's activity (+ 0.02) price it (`delta_ms`)
 EARLY_WINDOW = 10  # a stay on the dense engine ends early when its last this many frames, priced as delta frames ...
@@ -293,10 +297,22 @@ class FrameGuard:
             self._last_a = a
             return "delta"
         if calm and self.probe:
+            if self._priced_lost(a):  # this content was measured a clear loss at about this activity: wait again
+                self._to_ort(self.min_stay)
+                return "ort"
             return self._probe_now()
         if calm and self.reseed_pays(a):
             return self._reseed()
         return "ort"
+
+    def _priced_lost(self, a: float) -> bool:
+        """Whether a probe at activity `a` would be lost for sure: at least PROBE_PRICED of the first delta frames
+        after the last re-seeds (a fresh state, the delta network's cheapest) had an activity within a factor
+        PRICED_SPAN of it (+ 0.001), and all cost over PROBE_LOSS x the dense engine (one could be a one-off: the
+        stream's first seed allocates the state)."""
+        lo, hi = a / PRICED_SPAN - 0.001, a * PRICED_SPAN + 0.001
+        near = [ms for ms, x in self._fresh if lo <= x <= hi]
+        return len(near) >= PROBE_PRICED and min(near) > PROBE_LOSS * self.ort
 
     def _ends_early(self, a: float) -> bool:
         """Whether this frame (activity `a`, added to the window of frames on the dense engine) ends the time there
