@@ -371,7 +371,7 @@ class Engine:
         """Whether the guard keeps this frame on the dense engine without reading its activity (a stay that cannot
         end early): its input floor and change histogram are then not needed."""
         guard = self._guard
-        return guard is not None and guard.state == "ort" and guard.stay > 0 and not guard.needs_activity()
+        return guard is not None and not guard.needs_activity()  # False outside such a stay
 
     def _refresh_due(self) -> bool:
         """Whether `refresh_every` asks for a dense re-seed at this frame."""

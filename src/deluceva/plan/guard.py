@@ -73,8 +73,8 @@ PROBE_RATIO = 1.3  # dense-engine bands whose unit plan is predicted below this 
 PROBE_STAY = 8  # frames on the dense engine before the first probe of such a band
 PROBE_LOSS = 1.2  # a probe's first delta frame above this x the dense engine loses it at once
 PROBE_BACKOFF = 4  # a lost probe multiplies the stay before the next one by this (8, 32, 128, 256 frames) ...
-PROBE_PRICED = 2  # a probe is skipped when this many fresh delta frames at about its activity were clear losses
 PROBE_LOSS_REF = 1.5  # ... and by its cycle's cost over the dense engine's / this, when larger (a probe lost by far)
+PROBE_PRICED = 2  # a probe is skipped when this many fresh delta frames at about its activity were clear losses
 SIMILAR_ACTIVITY = 0.25  # delta frames within this share of a frame's activity (+ 0.02) price it (`delta_ms`)
 EARLY_WINDOW = 10  # a stay on the dense engine ends early when its last this many frames, priced as delta frames ...
 EARLY_RATIO = 0.8  # ... cost at most this x the dense engine with a re-seed's extra cost spread over `horizon`
@@ -104,6 +104,12 @@ def activity(x: torch.Tensor, prev: torch.Tensor, floor: float, step: int = 4) -
     a = x[..., ::step, ::step]
     b = prev[..., ::step, ::step]
     return float(((a - b).abs().amax(1) > floor).float().mean())
+
+
+def _near(frames: deque, a: float) -> list[float]:
+    """The ms of the (ms, activity) frames whose activity is within a factor PRICED_SPAN of `a` (+ 0.001)."""
+    lo, hi = a / PRICED_SPAN - 0.001, a * PRICED_SPAN + 0.001
+    return [ms for ms, x in frames if lo <= x <= hi]
 
 
 def _padded_median(measured: deque, initial: float, n: int = 3) -> float:
@@ -243,8 +249,7 @@ class FrameGuard:
         activity was within a factor PRICED_SPAN of `a` (+ 0.001), when there are PRICED_MIN of them; else, for a
         calmer frame than those, the median of the PRICED_MIN least busy ones busier than it (an upper bound: a
         delta frame's cost grows with activity); else None."""
-        lo, hi = a / PRICED_SPAN - 0.001, a * PRICED_SPAN + 0.001
-        near = [ms for ms, x in self._seen if lo <= x <= hi]
+        near = _near(self._seen, a)
         if len(near) < PRICED_MIN:
             near = [ms for _, ms in sorted((x, ms) for ms, x in self._seen if x > a)[:PRICED_MIN]]
         return median(near) if len(near) >= PRICED_MIN else None
@@ -310,8 +315,7 @@ class FrameGuard:
         after the last re-seeds (a fresh state, the delta network's cheapest) had an activity within a factor
         PRICED_SPAN of it (+ 0.001), and all cost over PROBE_LOSS x the dense engine (one could be a one-off: the
         stream's first seed allocates the state)."""
-        lo, hi = a / PRICED_SPAN - 0.001, a * PRICED_SPAN + 0.001
-        near = [ms for ms, x in self._fresh if lo <= x <= hi]
+        near = _near(self._fresh, a)
         return len(near) >= PROBE_PRICED and min(near) > PROBE_LOSS * self.ort
 
     def _ends_early(self, a: float) -> bool:
