@@ -142,6 +142,15 @@ def test_a_frame_on_the_dense_engine_is_the_reference_of_the_next_frames_adaptiv
     assert mirror.image is None
     mirror.seeded(img)
     assert mirror.unchanged(img, 3.0)
+    # fit's own resized image is kept, not copied; a stay that measures nothing forgets it and keeps the buffer
+    mine = img.copy()
+    owned = InputMirror(0, 0, (64, 80))
+    owned.previous(mine, owned=True)
+    assert owned.image is mine and owned.typical_change(noisy) == 2 and owned.activity(1.0) == 15 / 16  # (pad rows)
+    owned.forget()
+    assert owned.typical_change(noisy) is None and owned.activity(1.0) is None and owned.image is mine
+    owned.seeded(noisy)  # an applied input again, copied into that buffer
+    assert owned.image is mine and owned.unchanged(noisy, 3.0) and not owned.unchanged(img, 0.0)
 
     det = load_model("yolov5n")
     with open_source(str(ROOT / "assets/video/one-by-one-person-detection.mp4"), max_frames=11) as src:

@@ -758,3 +758,33 @@ def test_guard_ends_a_long_stay_on_the_dense_engine_when_delta_frames_priced_by_
     fresh.enter_dense_band(probe=True)
     assert not fresh.needs_activity()
     assert [fresh.decide(None) for _ in range(PROBE_STAY)] == ["ort"] * PROBE_STAY
+
+
+def test_guard_measures_no_frame_of_a_stay_that_no_window_could_end():
+    """A stay can end early only if some window of frames, priced by measured delta frames, would cost under
+    EARLY_RATIO x the dense engine; every price is a median of measured frames, so when even the cheapest measured
+    delta frame (with a re-seed's extra cost spread) is above that, no frame of the stay is measured (its activity
+    and the copy kept to compare the next frame with: ~0.5 ms of an ONNX Runtime frame). A cheap delta frame
+    measured later makes the stay measurable again."""
+    from deluceva.plan.guard import EARLY_RATIO
+
+    guard = FrameGuard(DeltaCost(20.0, 80.0, 0.01), ort_ms=40.0, seed_ms=60.0)
+    guard.observe("reseed", 60.0)
+    for a, ms in {0.01: 38.0, 0.02: 45.0, 0.05: 60.0}.items():  # this content: delta frames ~1x ONNX Runtime or more
+        guard._last_a = a
+        guard.observe("delta", ms)
+    assert 38.0 + (60.0 - 40.0) / guard.horizon > EARLY_RATIO * 40.0
+    guard.backoff = 32
+    guard._to_ort(2)
+    decisions = []
+    while not guard.needs_activity():
+        decisions.append(guard.decide(None))
+        guard.observe("ort", 40.0)
+    # the whole stay (the back-off, doubled by the lost cycle), unmeasured; its end needs the activity
+    assert decisions == ["ort"] * 64 and guard.stay == 0
+    guard._to_ort(2)
+    guard.state = "delta"  # (a cycle measured between stays)
+    guard._last_a = 0.01
+    guard.observe("delta", 12.0)
+    guard.state, guard.stay = "ort", 30
+    assert guard.needs_activity()

@@ -141,6 +141,7 @@ class InputMirror:
         self.canvas_hw = canvas_hw
         self.image: np.ndarray | None = None
         self.is_applied = False  # `image` is the network's applied input (not only the previous frame)
+        self._held = False  # `image` holds a frame (`forget` drops it and keeps the buffer)
         self._hist = np.zeros(256, np.int64)  # typical_change's histogram of the last image compared
         self._hist_fresh = False  # that histogram compares the current reference image with the last one given
 
@@ -152,7 +153,7 @@ class InputMirror:
     def _comparable(self, img: np.ndarray) -> bool:
         """Whether the kernels can compare `img` with the mirror (one is held, same shape, uint8)."""
         a = self.image
-        return a is not None and a.shape == img.shape and img.dtype == np.uint8 and HAVE_NUMBA
+        return a is not None and self._held and a.shape == img.shape and img.dtype == np.uint8 and HAVE_NUMBA
 
     def unchanged(self, img: np.ndarray, floor_grey: float) -> bool:
         if not self.is_applied or not self._comparable(img):
@@ -192,13 +193,19 @@ class InputMirror:
             np.copyto(a, img)  # into the buffer held: a new 1 MB array per frame costs its page faults (~0.1 ms)
         else:
             self.image = np.array(img, dtype=np.uint8, copy=True)
-        self.is_applied = self.image is not None
+        self.is_applied = self._held = self.image is not None
         self._hist_fresh = False
 
-    def previous(self, img: np.ndarray) -> None:
-        """The dense engine ran `img`: keep a copy as the reference of `typical_change` only (~0.1 ms)."""
-        self.seeded(img)
+    def previous(self, img: np.ndarray, owned: bool = False) -> None:
+        """The dense engine ran `img`: keep it as the reference of `typical_change` only, a copy (~0.2 ms) unless
+        `owned` (nobody else holds or writes it: e.g. `fit`'s resized image, not the caller's frame)."""
+        if owned and img.dtype == np.uint8:
+            self.image = img  # (the next `seeded` copies into it)
+            self._held = True
+        else:
+            self.seeded(img)
         self.is_applied = False
+        self._hist_fresh = False
 
     def applied(self, img: np.ndarray, index: np.ndarray | None) -> None:
         a = self.image
@@ -209,6 +216,12 @@ class InputMirror:
         if index is not None and index.shape[0]:
             _mirror_update_nb(a, np.ascontiguousarray(img), index, self.top, self.left, self.canvas_hw[1],
                               self.canvas_hw[0] * self.canvas_hw[1])
+
+    def forget(self) -> None:
+        """Nothing will be compared with the mirror's image (a stay on the dense engine that measures no frame):
+        drop it, keeping its buffer (the next `seeded` or `previous` copies into it)."""
+        self.is_applied = self._hist_fresh = False
+        self._held = False
 
     def invalidate(self) -> None:
         self.image = None

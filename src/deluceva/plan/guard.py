@@ -44,7 +44,9 @@ measured on a synthetic exposure swing (the last profile frame 6% brighter) at t
   0.01-0.02 cost 0.3-0.7x ONNX Runtime. A cycle that ends having cost no more than the dense engine over its frames
   resets the back-off; each early return lost in a row doubles the stay before the next (PROBE_STAY up to 8x: on the
   car video the swings' calm gaps priced cheap, and re-seeds there lost). Activity is needed during stays once 3 delta
-  frames have been measured; the engine then reads it off its adaptive floor's histogram against the previous frame.
+  frames have been measured and the cheapest of them could make a window pay; the engine then reads it off its
+  adaptive floor's histogram against the previous frame (otherwise it neither measures a frame nor keeps it: YOLOv5n,
+  car video, 2 threads, ~1 ms extra per ONNX Runtime frame, half of it these).
 - probing (`probe`, for plan bands that run on the dense engine although their unit plan is predicted within
   PROBE_RATIO of it: the prediction comes from the profile clip, and calmer content runs the same units much
   faster): after the stay on the dense engine, a calm frame re-seeds and two delta frames are measured (one when
@@ -173,7 +175,9 @@ class FrameGuard:
     _probing: bool = False
     _probe_lost: bool = False
     _stayed: int = 0  # frames on the dense engine since the current stay began
-    _window: deque = field(default_factory=lambda: deque(maxlen=EARLY_WINDOW))  # activities during a stay
+    # the frames of a stay on the dense engine, priced as delta frames (`measured_ms`, None: not priced): the delta
+    # frames that price them do not change during a stay, so each is priced once, as it enters
+    _window: deque = field(default_factory=lambda: deque(maxlen=EARLY_WINDOW))
     _early: bool = False  # the current cycle began with an early return
     _early_losses: int = 0  # early returns lost in a row (each doubles the stay before the next, up to 8x)
     _excess: float = 0.0
@@ -185,6 +189,7 @@ class FrameGuard:
     _recent: deque = field(default_factory=lambda: deque(maxlen=3))
     _fresh: deque = field(default_factory=lambda: deque(maxlen=3))  # (ms, a) of delta frames right after re-seeds
     _seen: deque = field(default_factory=lambda: deque(maxlen=64))  # (ms, a) of the last delta frames
+    _seen_min: float = 0.0  # their least ms
     _acts: deque = field(default_factory=lambda: deque(maxlen=101))
 
     def __post_init__(self) -> None:
@@ -256,16 +261,28 @@ class FrameGuard:
 
     def needs_activity(self) -> bool:
         """Whether `decide` reads this frame's activity: not during a stay on the dense engine that cannot end
-        early (no delta frames to price it by yet; the caller may then skip measuring it, ~0.5 ms of an ONNX Runtime
-        frame's extra work)."""
-        return not (self.state == "ort" and self.stay > 0) or len(self._seen) >= PRICED_MIN
+        early (`_may_end_early`; the caller may then skip measuring it and keeping the frame to compare the next
+        with: ~0.5 ms of an ONNX Runtime frame's extra ~1 ms)."""
+        return not (self.state == "ort" and self.stay > 0) or self._may_end_early()
+
+    def _may_end_early(self) -> bool:
+        """Whether some window of frames could end the current stay early: PRICED_MIN delta frames were measured
+        and the cheapest of them, with a re-seed's extra cost spread over `horizon` frames, is within EARLY_RATIO x
+        the dense engine (a window's price, medians of measured frames, is never below it). When not, the
+        window is emptied: it holds consecutive frames only."""
+        if len(self._seen) >= PRICED_MIN:
+            ort = self.ort
+            if self._seen_min + max(0.0, self.seed - ort) / self.horizon <= EARLY_RATIO * ort:
+                return True
+        self._window.clear()
+        return False
 
     def decide(self, a: float | None) -> str:
         """'delta' | 'ort' | 'reseed' for a frame of input activity `a` (the caller runs it and calls observe);
         `a` may be None when `needs_activity()` is False."""
         if self.state == "ort":
             self._stayed += 1
-            early = a is not None and len(self._seen) >= PRICED_MIN and self._ends_early(a)  # adds a to the window
+            early = a is not None and self._may_end_early() and self._ends_early(a)  # adds a to the window
             if early and (self.stay > 0 or a <= self.calm_activity):
                 self.stay = 0
                 self._early = True
@@ -323,11 +340,11 @@ class FrameGuard:
         (module docs: early return): at least PROBE_STAY frames there (doubled per early return lost in a row, up to
         8x), and the window's last EARLY_WINDOW frames, priced as delta frames (`measured_ms`), cost at most
         EARLY_RATIO x the dense engine with a re-seed's extra cost spread over `horizon` frames."""
-        self._window.append(a)
+        self._window.append(self.measured_ms(a))
         if self._stayed < PROBE_STAY << min(self._early_losses, 3) or len(self._window) < EARLY_WINDOW:
             return False
-        priced = [self.measured_ms(x) for x in self._window]
-        if any(ms is None for ms in priced):
+        priced = self._window
+        if None in priced:
             return False
         spread = max(0.0, self.seed - self.ort) / self.horizon
         return sum(priced) / len(priced) + spread <= EARLY_RATIO * self.ort
@@ -356,6 +373,7 @@ class FrameGuard:
         elif decision == "delta":
             self._recent.append((ms, self._last_a))
             self._seen.append((ms, self._last_a))
+            self._seen_min = min(m for m, _ in self._seen)
             if self._cycle_n == 1:  # the first delta frame after a re-seed
                 self._fresh.append((ms, self._last_a))
             self._cycle_ms += ms
