@@ -44,9 +44,9 @@ measured on a synthetic exposure swing (the last profile frame 6% brighter) at t
   0.01-0.02 cost 0.3-0.7x ONNX Runtime. A cycle that ends having cost no more than the dense engine over its frames
   resets the back-off; each early return lost in a row doubles the stay before the next (PROBE_STAY up to 8x: on the
   car video the swings' calm gaps priced cheap, and re-seeds there lost). Activity is needed during stays once 3 delta
-  frames have been measured and the cheapest of them could make a window pay; the engine then reads it off its
-  adaptive floor's histogram against the previous frame (otherwise it neither measures a frame nor keeps it: YOLOv5n,
-  car video, 2 threads, ~1 ms extra per ONNX Runtime frame, half of it these).
+  frames have been measured and they could price a window under the early-return bar; the engine then reads it off
+  its adaptive floor's histogram against the previous frame (otherwise it neither measures a frame nor keeps it:
+  YOLOv5n, car video, 2 threads, ~1 ms extra per ONNX Runtime frame).
 - probing (`probe`, for plan bands that run on the dense engine although their unit plan is predicted within
   PROBE_RATIO of it: the prediction comes from the profile clip, and calmer content runs the same units much
   faster): after the stay on the dense engine, a calm frame re-seeds and two delta frames are measured (one when
@@ -189,7 +189,7 @@ class FrameGuard:
     _recent: deque = field(default_factory=lambda: deque(maxlen=3))
     _fresh: deque = field(default_factory=lambda: deque(maxlen=3))  # (ms, a) of delta frames right after re-seeds
     _seen: deque = field(default_factory=lambda: deque(maxlen=64))  # (ms, a) of the last delta frames
-    _seen_min: float = 0.0  # their least ms
+    _seen_floor: float = 0.0  # no price `measured_ms` gives is lower (their second least ms: see _may_end_early)
     _acts: deque = field(default_factory=lambda: deque(maxlen=101))
 
     def __post_init__(self) -> None:
@@ -267,12 +267,14 @@ class FrameGuard:
 
     def _may_end_early(self) -> bool:
         """Whether some window of frames could end the current stay early: PRICED_MIN delta frames were measured
-        and the cheapest of them, with a re-seed's extra cost spread over `horizon` frames, is within EARLY_RATIO x
-        the dense engine (a window's price, medians of measured frames, is never below it). When not, the
-        window is emptied: it holds consecutive frames only."""
+        and the least price `measured_ms` can give, with a re-seed's extra cost spread over `horizon` frames, is
+        within EARLY_RATIO x the dense engine. A price is the median of PRICED_MIN or more measured frames, so never
+        below the ((PRICED_MIN + 1) // 2)-th least of all (the second: one cheap frame, e.g. the first after the
+        stream's first seed on the car video, prices nothing alone). When not, the window is emptied: it holds
+        consecutive frames only."""
         if len(self._seen) >= PRICED_MIN:
             ort = self.ort
-            if self._seen_min + max(0.0, self.seed - ort) / self.horizon <= EARLY_RATIO * ort:
+            if self._seen_floor + max(0.0, self.seed - ort) / self.horizon <= EARLY_RATIO * ort:
                 return True
         self._window.clear()
         return False
@@ -373,7 +375,8 @@ class FrameGuard:
         elif decision == "delta":
             self._recent.append((ms, self._last_a))
             self._seen.append((ms, self._last_a))
-            self._seen_min = min(m for m, _ in self._seen)
+            if len(self._seen) >= PRICED_MIN:
+                self._seen_floor = sorted(m for m, _ in self._seen)[(PRICED_MIN - 1) // 2]
             if self._cycle_n == 1:  # the first delta frame after a re-seed
                 self._fresh.append((ms, self._last_a))
             self._cycle_ms += ms
