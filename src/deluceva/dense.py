@@ -102,10 +102,15 @@ def onnxruntime_run(network: nn.Module, input_hw: tuple[int, int], threads: int,
     name = sess.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outs = sess.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})
+        outs = sess.run(None, {name: _ort_input(x)})
         return tuple(torch.from_numpy(o) for o in outs)
 
     return _run_into_buffers(sess, name, run) if reuse_outputs else run
+
+
+def _ort_input(x: torch.Tensor) -> np.ndarray:
+    """x (1, 3, H, W) as the contiguous float32 array ONNX Runtime takes (no copy when it already is one)."""
+    return np.ascontiguousarray(x.numpy(), dtype=np.float32)
 
 
 def _run_into_buffers(sess, name: str, first_run: DenseRun) -> DenseRun:
@@ -120,7 +125,7 @@ def _run_into_buffers(sess, name: str, first_run: DenseRun) -> DenseRun:
                 arr = buf.numpy()
                 binding.bind_output(out.name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
             return tuple(buffers)
-        binding.bind_cpu_input(name, np.ascontiguousarray(x.numpy(), dtype=np.float32))
+        binding.bind_cpu_input(name, _ort_input(x))
         sess.run_with_iobinding(binding)
         return tuple(buffers)
 

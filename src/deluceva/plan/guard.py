@@ -272,12 +272,16 @@ class FrameGuard:
         below the ((PRICED_MIN + 1) // 2)-th least of all (the second: one cheap frame, e.g. the first after the
         stream's first seed on the car video, prices nothing alone). When not, the window is emptied: it holds
         consecutive frames only."""
-        if len(self._seen) >= PRICED_MIN:
-            ort = self.ort
-            if self._seen_floor + max(0.0, self.seed - ort) / self.horizon <= EARLY_RATIO * ort:
-                return True
+        if len(self._seen) >= PRICED_MIN and self._seen_floor <= self._early_bar():
+            return True
         self._window.clear()
         return False
+
+    def _early_bar(self) -> float:
+        """The most a window's frames, priced as delta frames, may cost on average for a stay to end early:
+        EARLY_RATIO x the dense engine, less a re-seed's extra cost spread over `horizon` frames."""
+        ort = self.ort
+        return EARLY_RATIO * ort - max(0.0, self.seed - ort) / self.horizon
 
     def decide(self, a: float | None) -> str:
         """'delta' | 'ort' | 'reseed' for a frame of input activity `a` (the caller runs it and calls observe);
@@ -348,8 +352,7 @@ class FrameGuard:
         priced = self._window
         if None in priced:
             return False
-        spread = max(0.0, self.seed - self.ort) / self.horizon
-        return sum(priced) / len(priced) + spread <= EARLY_RATIO * self.ort
+        return sum(priced) / len(priced) <= self._early_bar()
 
     def enter_dense_band(self, probe: bool, stay: int = PROBE_STAY) -> None:
         """The running plan band changed to one on the dense engine: stay there (the back-off, at least `stay`
