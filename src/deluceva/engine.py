@@ -292,9 +292,11 @@ class Engine:
         if band == "ort":  # the whole band runs on the dense engine: no activity needed
             guard.leave_dense_band()  # leaving the band re-seeds (the network was refreshed)
             return "ort", None, guard
+        at_once = floored or plan is self._unprofiled  # what a stay would wait for is a guess: probe at once
         if band != last and band == "ort-probe":
-            # probed at once when floored or unprofiled: what the stay would wait for is a guess
-            guard.enter_dense_band(probe=True, stay=0 if floored or plan is self._unprofiled else PROBE_STAY)
+            guard.enter_dense_band(probe=True, stay=0 if at_once else PROBE_STAY)
+            if at_once and prev is None:  # a stream's first frame: it seeds, as in a units band (see start_probe)
+                return guard.start_probe(), None, guard
         elif band != last and last == "ort-probe":
             guard.leave_dense_band()
         if prev is None or prev.shape != x.shape:

@@ -361,6 +361,13 @@ class FrameGuard:
         self.backoff = max(self.backoff, stay)
         self._to_ort(stay)
 
+    def start_probe(self) -> str:
+        """Probe the delta network from this frame on ('reseed', then judged like any probe): for a stream's first
+        frame in a band probed at once. It has no activity to judge it by, but a stream seeds once anyway, and
+        seeding its first frame rather than a later calm one (its third, after the minimum stay) costs the same on
+        content the delta network loses and saves those frames' dense-engine runs where it wins."""
+        return self._probe_now()
+
     def leave_dense_band(self) -> None:
         """The running band changed to a unit plan: back to the delta network (the stale state re-seeds)."""
         self.probe, self.state, self.stay = False, "delta", 0
