@@ -398,6 +398,42 @@ def test_fused_state_step_matches_torch_path(name, state_dtype, precise, rows, c
     assert torch.equal(fused.z, ref.z)
 
 
+@pytest.mark.skipif(not HAVE_NUMBA, reason="parallel kernels need numba")
+@pytest.mark.parametrize("name", ["silu", "leaky_relu", "hardswish"])
+def test_parallel_state_steps_equal_the_sequential_kernel_bit_for_bit(name):
+    """With 2 threads (`use_threads`) a step of more than PARALLEL_MIN values runs the parallel kernel, the rows split
+    into slices: every output value and the state equal the sequential fused kernel's exactly (rows and dense conv
+    rows alike). With 1 thread such a step takes the torch path (no parallel kernel)."""
+    from deluceva.delta import kernels_bridge, state
+    from deluceva.threads import use_threads
+
+    g = torch.Generator().manual_seed(7)
+    z = 4 * torch.randn(1, 64, 80, 60, generator=g)
+    idx = torch.randperm(4800, generator=g)[:1500].sort().values  # 96k values, several slices of uneven rows
+    d = torch.randn(1500, 64, generator=g)
+    code, alpha = {"silu": (actstep.SILU, 0.0), "leaky_relu": (actstep.LEAKY_RELU, 0.1),
+                   "hardswish": (actstep.HARDSWISH, 0.0)}[name]
+    f = ACTIVATIONS[name]
+    rows = torch.zeros(4800, 64)
+    rows[idx] = d
+    try:
+        use_threads(2)
+        assert RowState._fused(d.numel(), False) is state._step_act_par
+        par = RowState(z, torch.float32)
+        seq = par.z.numpy().copy()
+        for _ in range(2):
+            got = par.step(idx, d, f, False, (code, alpha)).numpy()
+            want = actstep.step_act_nb(seq, idx.numpy(), d.numpy(), code, alpha, False)
+            assert np.array_equal(got, want) and np.array_equal(par.z.numpy(), seq)
+        got_idx, got_rows = kernels_bridge.step_act_rows(par.z_np, rows, (code, alpha))
+        want_idx, want_rows = actstep.step_act_rows_nb(seq, rows.numpy(), code, alpha, np.empty(4800, np.int64))
+        assert np.array_equal(got_idx, idx.numpy()) and np.array_equal(got_idx, want_idx)
+        assert np.array_equal(got_rows, want_rows) and np.array_equal(par.z.numpy(), seq)
+    finally:
+        use_threads(1)
+    assert RowState._fused(d.numel(), False) is None
+
+
 def test_row_state_adopts_only_channels_last_values_of_its_dtype():
     """adopt=True takes a channels-last value of the state dtype as the rows themselves (a seeder's NHWC output: no
     copy, updates land in it); NCHW values, another dtype, or adopt=False get their own rows with the same values."""

@@ -20,7 +20,7 @@ from deluceva.delta.pixels import PixelDelta
 from deluceva.dense import DenseRun, make_dense, resolve_dense_engine
 from deluceva.errors import DelucevaError
 from deluceva.plan import apply_plan
-from deluceva.threads import single_threaded
+from deluceva.threads import single_threaded, use_threads
 from deluceva.zoo.base import Detections, Detector, Geometry
 
 Mode = Literal["dense", "delta"]
@@ -103,7 +103,7 @@ class Engine:
     def __init__(self, detector: Detector, config: EngineConfig | None = None) -> None:
         self.detector = detector
         self.config = config or EngineConfig()
-        torch.set_num_threads(self.config.threads)
+        use_threads(self.config.threads)
         self._input_hw: tuple[int, int] | None = None
         self._dense: dict[tuple[int, int], DenseRun] = {}
         self._delta = None

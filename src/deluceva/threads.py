@@ -15,6 +15,14 @@ from contextlib import contextmanager
 import torch
 
 
+def use_threads(n: int) -> None:
+    """Run PyTorch's ops and the delta kernels' large calls (numba's pool) on `n` threads."""
+    from deluceva.delta.kernels._jit import set_threads
+
+    torch.set_num_threads(n)
+    set_threads(n)
+
+
 @contextmanager
 def single_threaded() -> Iterator[None]:
     """PyTorch ops inside run on the calling thread only (`torch.set_num_threads(1)`, restored after; ~0.2 us)."""

@@ -41,13 +41,20 @@ try:
                 new_out[i, j] = n
         return old_out, new_out
 
-    from deluceva.delta.kernels.actstep import step_act_nb
+    from deluceva.delta.kernels._jit import parallel
+    from deluceva.delta.kernels.actstep import PARALLEL_MIN, step_act_nb, step_act_par_nb
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - numba is a dependency of the kernels, normally present
     HAVE_NUMBA = False
 
 _NB_DTYPES = (torch.float32, torch.float64)
+
+
+def _step_act_par(z: np.ndarray, idx: np.ndarray, d: np.ndarray, code: int, alpha: float, precise: bool
+                  ) -> np.ndarray:
+    """`step_act_par_nb` with `step_act_nb`'s signature (fast mode only: `RowState._fused`)."""
+    return step_act_par_nb(z, idx, d, code, alpha)
 # `step` takes the fused kernel up to this many values (A x C); above, torch's vectorised activation passes win
 # (measured on contiguous float32 rows: 4.4 vs 9.7 us at 9 x 32, 18 vs 20 us at 128 x 64, 63 vs 53 us at 512 x 64).
 # Precise (exact-run) steps compute f in float64 with libm's scalar exp: a lower limit.
@@ -124,9 +131,10 @@ class RowState:
         """z[idx] += d; returns f(z_new) - f(z_old) at idx (A, C) in the working dtype. act: f's code and parameter
         for the fused kernel (`activation.activation_code`), which then does it in one pass (float32 rows)."""
         if (act is not None and self._nb and d.dtype == torch.float32 and self.dtype == torch.float32
-                and d.is_contiguous() and idx.dtype == torch.int64
-                and d.numel() <= (PRECISE_FUSED_MAX if precise else FUSED_MAX)):
-            return torch.from_numpy(step_act_nb(self._z_np, idx.numpy(), d.numpy(), act[0], act[1], precise))
+                and d.is_contiguous() and idx.dtype == torch.int64):
+            fused = self._fused(d.numel(), precise)
+            if fused is not None:
+                return torch.from_numpy(fused(self._z_np, idx.numpy(), d.numpy(), act[0], act[1], precise))
         z_old, z_new = self.update(idx, d, precise)
         return (f(z_new) - f(z_old)).to(self.dtype)
 
@@ -136,10 +144,21 @@ class RowState:
         no tensor round trip); otherwise `step` on tensors."""
         if act is not None and self._nb and self.dtype == torch.float32:
             v, i = d.values_np, d.index_np
-            if (v.dtype == np.float32 and i.dtype == np.int64 and v.flags.c_contiguous
-                    and v.size <= (PRECISE_FUSED_MAX if precise else FUSED_MAX)):
-                return step_act_nb(self._z_np, i, v, act[0], act[1], precise)
+            fused = self._fused(v.size, precise)
+            if fused is not None and v.dtype == np.float32 and i.dtype == np.int64 and v.flags.c_contiguous:
+                return fused(self._z_np, i, v, act[0], act[1], precise)
         return self.step(d.index, d.values, f, precise, act)
+
+    @staticmethod
+    def _fused(values: int, precise: bool) -> Callable | None:
+        """The fused kernel for a step of `values` (A x C) values: sequential up to FUSED_MAX, the parallel form
+        (fast mode) from PARALLEL_MIN when the kernels may use threads (`kernels._jit.parallel`), else None (the
+        torch path: its vectorised passes win on one thread)."""
+        if values <= (PRECISE_FUSED_MAX if precise else FUSED_MAX):
+            return step_act_nb
+        if not precise and values >= PARALLEL_MIN and parallel():
+            return _step_act_par
+        return None
 
     def step_all(self, d: torch.Tensor, f: Callable, precise: bool) -> torch.Tensor:
         """z += d on every row; returns f(z_new) - f(z_old) (N*H*W, C) in the working dtype."""

@@ -32,6 +32,7 @@ from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext
 from deluceva.engine import Engine, EngineConfig
 from deluceva.eval.metrics import weighted_ap50
+from deluceva.threads import use_threads
 from deluceva.video import open_source
 from deluceva.zoo.base import Detections, Detector
 from deluceva.zoo.registry import load_model
@@ -237,7 +238,7 @@ def run_delta_benchmark(model: str, imgsz: str | None, videos: list[Path], frame
     """Run the benchmark (see module docs); relative_floor, plan, filter_of, error_target and probe_every are the
     delta engine's (EngineConfig; with an error target each filter is the controller's starting percentage, and the
     row adds the mean percentage of the delta frames and the number of probes)."""
-    torch.set_num_threads(threads)
+    use_threads(threads)
     det = load_model(model)
     rows: list[dict] = []
     overheads: list[dict] = []

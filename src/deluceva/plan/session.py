@@ -15,6 +15,7 @@ from deluceva.errors import DelucevaError
 from deluceva.plan.planner import PlanSet, apply_plan, make_planset
 from deluceva.plan.profiler import MODES, PCTS, profile_network
 from deluceva.plan.store import Profile, ProfileKey, default_profile_path, stale_reasons
+from deluceva.threads import use_threads
 
 DEFAULT_VIDEO = Path("assets/video/one-by-one-person-detection.mp4")
 
@@ -60,7 +61,7 @@ def profile_model(model: str, imgsz: str | None, threads: int, video: Path = DEF
     from deluceva.seeding import make_seeder
     from deluceva.zoo.registry import load_model
 
-    torch.set_num_threads(threads)
+    use_threads(threads)
     det = load_model(model)
     src_hw = _video_hw(video)
     hw = det.input_hw(imgsz, src_hw)

@@ -29,6 +29,7 @@ from deluceva.delta.kernels.merge import add, concat
 from deluceva.delta.kernels.pool import SparseMaxPool2d
 from deluceva.delta.kernels.resample import upsample_nearest2x
 from deluceva.delta.pixels import PixelDelta
+from deluceva.threads import use_threads
 
 FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 PATTERNS = ("clustered", "scattered")
@@ -200,7 +201,7 @@ def _delta_fn(op: OpShape, shape: tuple[int, int, int, int], x: torch.Tensor) ->
 
 def bench_op(op: OpShape, size: str, threads: int, fractions, repeats: int, seed: int = 0) -> dict:
     """Dense vs delta timings of one operator at one size and thread count."""
-    torch.set_num_threads(threads)
+    use_threads(threads)
     h, w = _input_hw(op, size)
     shape = (1, op.cin, h, w)
     g = torch.Generator().manual_seed(seed)
