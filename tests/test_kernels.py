@@ -434,6 +434,39 @@ def test_parallel_state_steps_equal_the_sequential_kernel_bit_for_bit(name):
     assert RowState._fused(d.numel(), False) is None
 
 
+@pytest.mark.skipif(not HAVE_NUMBA, reason="parallel kernels need numba")
+@pytest.mark.parametrize("na, nb, same", [(3000, 2500, False), (40, 9000, False), (1500, 1500, True), (9, 1, False)])
+def test_parallel_merges_equal_the_one_pass_kernel_bit_for_bit(na, nb, same, monkeypatch):
+    """With 2 threads, add and concat of two large deltas merge in parallel slices of the index range: the same
+    index and the same value bits as the one-pass kernel (negative zeros included), whether the pixel sets overlap,
+    coincide or one is tiny; and the result is the dense add / concat."""
+    from deluceva.delta.kernels import merge
+    from deluceva.threads import use_threads
+
+    g = torch.Generator().manual_seed(na + nb)
+    shape = (1, 32, 120, 100)
+    ia = torch.randperm(12000, generator=g)[:na].sort().values
+    ib = ia.clone() if same else torch.randperm(12000, generator=g)[:nb].sort().values
+    a = PixelDelta(ia, torch.randn(len(ia), 32, generator=g), shape)
+    vb = torch.randn(len(ib), 32, generator=g)
+    vb[0, 0] = -0.0
+    b = PixelDelta(ib, vb, shape)
+    calls = []
+    par = merge._merge2_par_nb
+    monkeypatch.setattr(merge, "_merge2_par_nb", lambda *args: calls.append(1) or par(*args))
+    try:
+        use_threads(2)
+        for fn, channels in ((add, False), (concat, True)):
+            got = fn(a, b)
+            want_idx, want_vals = merge._merge2_nb(a.index_np, a.values_np, b.index_np, b.values_np, channels)
+            assert np.array_equal(got.index_np, want_idx) and got.values_np.tobytes() == want_vals.tobytes()
+            dense = torch.cat([a.to_dense(), b.to_dense()], 1) if channels else a.to_dense() + b.to_dense()
+            assert torch.equal(got.to_dense(), dense)
+    finally:
+        use_threads(1)
+    assert len(calls) == (0 if na + nb < 100 else 2)  # large merges (>= 8k values) took the parallel kernel
+
+
 def test_row_state_adopts_only_channels_last_values_of_its_dtype():
     """adopt=True takes a channels-last value of the state dtype as the rows themselves (a seeder's NHWC output: no
     copy, updates land in it); NCHW values, another dtype, or adopt=False get their own rows with the same values."""

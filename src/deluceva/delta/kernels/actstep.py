@@ -152,32 +152,32 @@ def step_act_rows_nb(z, dz, code, alpha, scratch):  # pragma: no cover - compile
 
 
 @jit_parallel
-def step_act_rows_par_nb(z, dz, code, alpha, scratch):  # pragma: no cover - compiled
-    """`step_act_rows_nb` with the rows found first and then updated in PAR_SLICES parallel slices."""
-    idx = nonzero_rows_nb(dz, scratch)
-    a = idx.shape[0]
-    out = np.empty((a, dz.shape[1]), np.float32)
+def _step_fast_par(z, idx, d, at_rows, code, alpha, out):  # pragma: no cover - compiled
+    """`_step_fast` over PAR_SLICES slices of the rows in parallel: idx holds distinct rows, so the slices update
+    disjoint state rows, and each value is computed as `_step_fast` computes it."""
+    a = out.shape[0]
     chunk = (a + PAR_SLICES - 1) // PAR_SLICES
     for s in prange(PAR_SLICES):
         lo = min(a, s * chunk)
         hi = min(a, lo + chunk)
         if lo < hi:
-            _step_fast_span(z, idx, dz, True, code, alpha, out, lo, hi)
+            _step_fast_span(z, idx, d, at_rows, code, alpha, out, lo, hi)
+
+
+@jit_vec
+def step_act_rows_par_nb(z, dz, code, alpha, scratch):  # pragma: no cover - compiled
+    """`step_act_rows_nb` with the rows found first and then updated in parallel slices (`_step_fast_par`)."""
+    idx = nonzero_rows_nb(dz, scratch)
+    out = np.empty((idx.shape[0], dz.shape[1]), np.float32)
+    _step_fast_par(z, idx, dz, True, code, alpha, out)
     return idx, out
 
 
-@jit_parallel
+@jit_vec
 def step_act_par_nb(z, idx, d, code, alpha):  # pragma: no cover - compiled
-    """`step_act_nb` in fast mode over PAR_SLICES slices of the rows in parallel: idx holds distinct rows, so the
-    slices update disjoint state rows; each value is computed as in `step_act_nb` (the same results)."""
-    a, c = d.shape
-    out = np.empty((a, c), np.float32)
-    chunk = (a + PAR_SLICES - 1) // PAR_SLICES
-    for s in prange(PAR_SLICES):
-        lo = min(a, s * chunk)
-        hi = min(a, lo + chunk)
-        if lo < hi:
-            _step_fast_span(z, idx, d, False, code, alpha, out, lo, hi)
+    """`step_act_nb` in fast mode, its rows in parallel slices (`_step_fast_par`): the same results."""
+    out = np.empty(d.shape, np.float32)
+    _step_fast_par(z, idx, d, False, code, alpha, out)
     return out
 
 

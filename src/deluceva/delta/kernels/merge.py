@@ -9,8 +9,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deluceva.delta.kernels._jit import HAVE_NUMBA, jit
+from deluceva.delta.kernels._jit import HAVE_NUMBA, jit, jit_parallel, parallel
 from deluceva.delta.pixels import PixelDelta
+
+try:
+    from numba import prange
+except ImportError:  # pragma: no cover - without numba the kernels are not called
+    prange = range
+
+# `_merge2_par_nb` splits a merge into this many slices of a's pixels (and b's in the same index ranges), run by
+# numba's thread pool, for merges of at least PARALLEL_MIN output values (pixels x channels) when threads are on
+MERGE_SLICES = 16
+PARALLEL_MIN = 8192
 
 
 @jit
@@ -40,21 +50,16 @@ def _union_nb(a, b):
 
 
 @jit
-def _merge2_nb(ia, va, ib, vb, concat):
-    """Two deltas merged in one linear pass: add (values summed) or concat (a's channels, then b's)."""
+def _merge2_rows_nb(ia, va, ib, vb, concat, i, ie, j, je, idx, out, k):  # pragma: no cover - compiled
+    """`_merge2_nb`'s pass over a[i:ie] and b[j:je] into idx[k:], out[k:] (zeroed); returns the next k."""
     ca, cb = va.shape[1], vb.shape[1]
-    width = ca + cb if concat else ca
-    na, nb = ia.shape[0], ib.shape[0]
-    idx = np.empty(na + nb, np.int64)
-    out = np.zeros((na + nb, width), va.dtype)
     off = ca if concat else 0
-    i = j = k = 0
-    while i < na or j < nb:
-        if j >= nb or (i < na and ia[i] < ib[j]):
+    while i < ie or j < je:
+        if j >= je or (i < ie and ia[i] < ib[j]):
             idx[k] = ia[i]
             out[k, :ca] = va[i]
             i += 1
-        elif i >= na or ib[j] < ia[i]:
+        elif i >= ie or ib[j] < ia[i]:
             idx[k] = ib[j]
             out[k, off : off + cb] = vb[j]
             j += 1
@@ -65,6 +70,17 @@ def _merge2_nb(ia, va, ib, vb, concat):
             i += 1
             j += 1
         k += 1
+    return k
+
+
+@jit
+def _merge2_nb(ia, va, ib, vb, concat):
+    """Two deltas merged in one linear pass: add (values summed) or concat (a's channels, then b's)."""
+    width = va.shape[1] + vb.shape[1] if concat else va.shape[1]
+    na, nb = ia.shape[0], ib.shape[0]
+    idx = np.empty(na + nb, np.int64)
+    out = np.zeros((na + nb, width), va.dtype)
+    k = _merge2_rows_nb(ia, va, ib, vb, concat, 0, na, 0, nb, idx, out, 0)
     return idx[:k], out[:k]
 
 
@@ -97,6 +113,59 @@ def _concat_at_nb(idx_cat, starts, vals_flat, vstarts, chans, offs, ctot):
                 pos[j] += 1
         n += 1
     return out_idx[:n], out[:n]
+
+
+@jit
+def _union_count_nb(ia, i, ie, ib, j, je):  # pragma: no cover - compiled
+    """Size of the union of the sorted unique ia[i:ie] and ib[j:je]."""
+    k = 0
+    while i < ie or j < je:
+        if j >= je or (i < ie and ia[i] < ib[j]):
+            i += 1
+        elif i >= ie or ib[j] < ia[i]:
+            j += 1
+        else:
+            i += 1
+            j += 1
+        k += 1
+    return k
+
+
+@jit_parallel
+def _merge2_par_nb(ia, va, ib, vb, concat):  # pragma: no cover - compiled
+    """`_merge2_nb` in MERGE_SLICES parallel slices: slice s takes a's pixels s*na/S .. (s+1)*na/S and b's pixels
+    in the same range of indices (a pair of equal indices stays in one slice); the slices' union sizes give each
+    its place in the output. The same values as `_merge2_nb`."""
+    ns = MERGE_SLICES
+    na, nb = ia.shape[0], ib.shape[0]
+    a0 = np.empty(ns + 1, np.int64)
+    b0 = np.empty(ns + 1, np.int64)
+    for s in range(ns + 1):
+        a0[s] = s * na // ns
+        b0[s] = nb if a0[s] >= na else np.searchsorted(ib, ia[a0[s]])
+    b0[0] = 0
+    counts = np.empty(ns, np.int64)
+    for s in prange(ns):
+        counts[s] = _union_count_nb(ia, a0[s], a0[s + 1], ib, b0[s], b0[s + 1])
+    starts = np.zeros(ns + 1, np.int64)
+    for s in range(ns):
+        starts[s + 1] = starts[s] + counts[s]
+    width = va.shape[1] + vb.shape[1] if concat else va.shape[1]
+    idx = np.empty(starts[ns], np.int64)
+    out = np.zeros((starts[ns], width), va.dtype)
+    for s in prange(ns):
+        _merge2_rows_nb(ia, va, ib, vb, concat, a0[s], a0[s + 1], b0[s], b0[s + 1], idx, out, starts[s])
+    return idx, out
+
+
+def _merge2(a: PixelDelta, b: PixelDelta, concat: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(index, values) of the add or concat of two deltas (numba): in parallel slices for large merges when the
+    kernels may use threads (`_jit.parallel`), else in one pass."""
+    ia, va, ib, vb = a.index_np, a.values_np, b.index_np, b.values_np
+    width = va.shape[1] + vb.shape[1] if concat else va.shape[1]
+    if len(ia) and len(ib) and (len(ia) + len(ib)) * width >= PARALLEL_MIN and parallel():
+        return _merge2_par_nb(ia, va, ib, vb, concat)
+    return _merge2_nb(ia, va, ib, vb, concat)
 
 
 def concat_at(deltas: list[PixelDelta], offsets: list[int], shape: tuple[int, int, int, int]) -> PixelDelta:
@@ -152,7 +221,7 @@ def add(*deltas: PixelDelta) -> PixelDelta:
         return live[0]
     if len(live) == 2 and HAVE_NUMBA:
         a, b = live
-        idx, vals = _merge2_nb(a.index_np, a.values_np, b.index_np, b.values_np, False)
+        idx, vals = _merge2(a, b, False)
         return PixelDelta(idx, vals, shape)
     index, positions = _union([d.index for d in live])
     if index.numel() == live[0].index.numel() and all(d.index.numel() == index.numel() for d in live):
@@ -175,7 +244,7 @@ def concat(*deltas: PixelDelta) -> PixelDelta:
     shape = (n, sum(channels), h, w)
     if len(deltas) == 2 and HAVE_NUMBA:
         a, b = deltas
-        idx, vals = _merge2_nb(a.index_np, a.values_np, b.index_np, b.values_np, True)
+        idx, vals = _merge2(a, b, True)
         return PixelDelta(idx, vals, shape)
     index, positions = _union([d.index for d in deltas])
     if all(d.index.numel() == index.numel() for d in deltas):  # identical pixel sets (or all empty)
