@@ -152,7 +152,7 @@ def step_act_rows(z: Any, rows: torch.Tensor, act: tuple[int, float]) -> tuple[A
     """(index, Δy) NumPy arrays of the rows of a dense output delta `rows` (P, C) float32 with a non-zero entry,
     their state rows z (P, C) float32 updated and Δy = f(z_new) - f(z_old) by the fused kernel (fast mode;
     callers check that the kernels are on: ConvUnit's `_fused_small`)."""
-    actstep = _module("actstep")
-    big = rows.numel() >= actstep.PARALLEL_MIN and _module("_jit").parallel()
+    actstep, jit = _module("actstep"), _module("_jit")
+    big = rows.numel() >= jit.PARALLEL_MIN and jit.parallel()
     kernel = actstep.step_act_rows_par_nb if big else actstep.step_act_rows_nb
     return kernel(z, rows.contiguous().numpy(), act[0], act[1], index_scratch(rows.shape[0]))

@@ -41,8 +41,8 @@ try:
                 new_out[i, j] = n
         return old_out, new_out
 
-    from deluceva.delta.kernels._jit import parallel
-    from deluceva.delta.kernels.actstep import PARALLEL_MIN, step_act_nb, step_act_par_nb
+    from deluceva.delta.kernels._jit import PARALLEL_MIN, parallel
+    from deluceva.delta.kernels.actstep import step_act_nb, step_act_par_nb
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - numba is a dependency of the kernels, normally present
@@ -50,16 +50,17 @@ except ImportError:  # pragma: no cover - numba is a dependency of the kernels, 
 
 _NB_DTYPES = (torch.float32, torch.float64)
 
-
-def _step_act_par(z: np.ndarray, idx: np.ndarray, d: np.ndarray, code: int, alpha: float, precise: bool
-                  ) -> np.ndarray:
-    """`step_act_par_nb` with `step_act_nb`'s signature (fast mode only: `RowState._fused`)."""
-    return step_act_par_nb(z, idx, d, code, alpha)
 # `step` takes the fused kernel up to this many values (A x C); above, torch's vectorised activation passes win
 # (measured on contiguous float32 rows: 4.4 vs 9.7 us at 9 x 32, 18 vs 20 us at 128 x 64, 63 vs 53 us at 512 x 64).
 # Precise (exact-run) steps compute f in float64 with libm's scalar exp: a lower limit.
 FUSED_MAX = 8192
 PRECISE_FUSED_MAX = 4096
+
+
+def _step_act_par(z: np.ndarray, idx: np.ndarray, d: np.ndarray, code: int, alpha: float, precise: bool
+                  ) -> np.ndarray:
+    """`step_act_par_nb` with `step_act_nb`'s signature (fast mode only: `RowState._fused`)."""
+    return step_act_par_nb(z, idx, d, code, alpha)
 
 
 def rows_of(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

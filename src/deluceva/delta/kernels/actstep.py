@@ -12,21 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from deluceva.delta.kernels._jit import jit_finite, jit_parallel, jit_vec
-
-try:
-    from numba import prange
-except ImportError:  # pragma: no cover - without numba the kernels are not called
-    prange = range
+from deluceva.delta.kernels._jit import jit_finite, jit_parallel, jit_vec, prange
 
 SILU, RELU, LEAKY_RELU, SIGMOID, HARDSWISH = 1, 2, 3, 4, 5
 ROW_BLOCK = 512  # values per block of rows in fast mode (temporaries stay in L1)
-# The parallel forms (`*_par_nb`, fast mode) split the rows into this many slices, run by numba's thread pool; they
-# pay from about PARALLEL_MIN values (A x C) up (2 threads, SiLU, 64 channels, after a PyTorch conv as in a frame:
-# 8k values 149 -> 139 us, 32k 189 -> 136 us, 131k 618 -> 338 us, 1.4M 5.4 -> 2.7 ms; the torch path 365 us,
-# 280 us, 518 us, 4.2 ms).
+# The parallel forms (`*_par_nb`, fast mode; for calls of `_jit.PARALLEL_MIN` values and more) split the rows into
+# this many slices, run by numba's thread pool
 PAR_SLICES = 16
-PARALLEL_MIN = 8192
 
 _F = np.float32
 

@@ -9,18 +9,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deluceva.delta.kernels._jit import HAVE_NUMBA, jit, jit_parallel, parallel
+from deluceva.delta.kernels._jit import HAVE_NUMBA, PARALLEL_MIN, jit, jit_parallel, parallel, prange
 from deluceva.delta.pixels import PixelDelta
-
-try:
-    from numba import prange
-except ImportError:  # pragma: no cover - without numba the kernels are not called
-    prange = range
 
 # `_merge2_par_nb` splits a merge into this many slices of a's pixels (and b's in the same index ranges), run by
 # numba's thread pool, for merges of at least PARALLEL_MIN output values (pixels x channels) when threads are on
 MERGE_SLICES = 16
-PARALLEL_MIN = 8192
 
 
 @jit
