@@ -154,3 +154,21 @@ def test_results_schema_per_record(tmp_path: Path) -> None:
         assert set(rec) == {"frame", "pts", "mode", "filter_pct", "ms", "detections"}
         for d in rec["detections"]:
             assert set(d) == {"label", "class_id", "score", "box"} and len(d["box"]) == 4
+
+
+def test_bench_plot_draws_one_timeline_per_result_row(tmp_path: Path) -> None:
+    """A shipped `bench plan` result (6 rows of 120 frames) -> a PNG, one panel per row; bad files fail clearly."""
+    from PIL import Image
+
+    result = ROOT / "bench/results/plan_768x448_t1_120f_0.01_rf0.2_s23fin.json"
+    rows = json.loads(result.read_text())["rows"]
+    out = tmp_path / "timelines.png"
+    proc = run_cli("bench", "plot", str(result), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    width, height = Image.open(out).size
+    assert (width, height) == (1200, 260 * len(rows)), (width, height)  # 12 x 2.6 in per panel at 100 dpi
+    assert_clean_error(run_cli("bench", "plot", str(tmp_path / "missing.json")), "no such result file")
+    assert_clean_error(run_cli("bench", "plot", str(ROOT / "pyproject.toml")), "not json")
+    ops = tmp_path / "ops.json"
+    ops.write_text(json.dumps({"meta": {}, "results": []}))
+    assert_clean_error(run_cli("bench", "plot", str(ops)), "not a `deluceva bench plan` result")

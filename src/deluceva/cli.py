@@ -326,6 +326,17 @@ def bench_plan(
                        reprofile, out, out_console, progress_bar, schedule, relative_floor)
 
 
+@bench_app.command("plot")
+def bench_plot(
+    result: Annotated[Path, typer.Argument(help="A `deluceva bench plan` JSON")],
+    out: Annotated[Path | None, typer.Option(help="PNG output (default: the JSON's path with .png)")] = None,
+) -> None:
+    """Per-frame timelines of a `bench plan` result: ms per frame of each engine, the mixed engine's decisions."""
+    from deluceva.eval.plan_plot import load_result, plot_timelines
+
+    out_console.print(f"wrote {plot_timelines(load_result(result), out or result.with_suffix('.png'))}")
+
+
 @bench_app.command("ops", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_ops(ctx: typer.Context) -> None:
     """Per-operator dense vs delta at active fractions 0.5..50% (options: see `python bench/ops.py --help`)."""

@@ -42,6 +42,7 @@ from rich.table import Table
 
 from deluceva.engine import Engine, EngineConfig
 from deluceva.eval.metrics import weighted_ap50
+from deluceva.eval.plan_plot import MAX_PANELS, plot_timelines
 from deluceva.plan import CostModel, ProfileKey, make_planset, timemodel
 from deluceva.plan.profiler import unit_sizes, work_fractions
 from deluceva.plan.session import DEFAULT_VIDEO, find_profile, profile_model
@@ -278,9 +279,12 @@ def run_plan_benchmark(models: list[str], sizes: list[str], threads_list: list[i
                     "repeats; frame 0 (seeding) excluded from means/medians", "repeats": repeats, "start_s": start,
             "swing": {"level": SWING_LEVEL, "share": SWING_SHARE}, "relative_floor": relative_floor}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    result = {"meta": meta, "rows": rows}
+    out.write_text(json.dumps(result, indent=1))
     console.print(f"wrote {out}")
-    return {"meta": meta, "rows": rows}
+    if len(rows) <= MAX_PANELS:
+        console.print(f"wrote {plot_timelines(result, out.with_suffix('.png'))} (per-frame timelines)")
+    return result
 
 
 def _f(v: float | None, fmt: str = ".1f") -> str:
