@@ -549,6 +549,30 @@ def test_dense_engine_band_probes_the_delta_network_and_keeps_it_when_it_wins():
     assert max(gaps[44.0], gaps[60.0]) < gaps[100.0] - 5
 
 
+def test_a_probe_runs_no_swing_frame_on_the_delta_network():
+    """A probe (a re-seed, then two measured delta frames) meets an exposure swing on its second frame: the car
+    video's swing frames cost 3-4x the dense engine as delta frames, so the swing runs on the dense engine and the
+    probe counts as lost; a calm frame there is measured, and so is a busy one priced cheap by delta frames
+    measured at about its activity (the person video's codec keyframes)."""
+    def probe(second_activity: float, measured: list[tuple[float, float]] = ()) -> list[str]:
+        guard = FrameGuard(DeltaCost(44.0, 120.0, 0.02), ort_ms=40.0, seed_ms=60.0, scale_bump=True)
+        for ms, a in measured:
+            guard._seen.append((ms, a))
+        guard.enter_dense_band(probe=True, stay=0)
+        decisions = [guard.start_probe()]  # the stream's first frame
+        guard.observe("reseed", 60.0)
+        for a in (0.02, second_activity, 0.02):
+            d = guard.decide(a)
+            decisions.append(d)
+            guard.observe(d, {"ort": 40.0, "reseed": 60.0, "delta": 20.0}[d])
+        return decisions
+
+    assert probe(0.02) == ["reseed", "delta", "delta", "delta"]
+    swing = probe(0.45)
+    assert swing[:3] == ["reseed", "delta", "ort"] and swing[3] == "ort"  # the stay after a lost probe
+    assert probe(0.45, measured=[(22.0, 0.45)] * 3) == ["reseed", "delta", "delta", "delta"]
+
+
 def test_a_probe_priced_a_clear_loss_by_two_earlier_ones_at_its_activity_is_skipped():
     """Two probes at activity 0.02 measured the delta network at 2.5x the dense engine: later stays end without a
     re-seed while the activity stays within a factor 2 of theirs, and a calmer scene (0.005) is probed again."""

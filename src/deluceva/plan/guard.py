@@ -54,10 +54,13 @@ measured on a synthetic exposure swing (the last profile frame 6% brighter) at t
   cost more than the dense engine over the same frames multiplies the stay by PROBE_BACKOFF, and by the cycle's cost
   over the dense engine's / PROBE_LOSS_REF when larger (a probe lost by far waits longer: on the pets video each
   YOLOX-Nano probe cost ~2.5x the dense engine's frames), so that exploring costs a few % at most; a won one keeps
-  the delta network under the rules above. A probe is skipped (the stay starts again) when PROBE_PRICED or more of the
-  first delta frames after the last re-seeds had about the frame's activity and all cost over PROBE_LOSS x the dense
-  engine: the content has not changed in a way that could make it win (pets video, 2 threads: each YOLOX-Nano probe
-  cost 4-6x the dense engine's frames).
+  the delta network under the rules above. A frame of the probe's measurement that is not calm and is priced
+  above `limit` x the dense engine with the profile's whole bump (unless delta frames of about its activity were
+  measured) ends the probe on the dense engine instead: a swing at a probe's second frame ran at 3-4x the dense
+  engine (car video) and lost the probe anyway. A probe is skipped (the stay starts again) when PROBE_PRICED or
+  more of the first delta frames after the last re-seeds had about the frame's activity and all cost over
+  PROBE_LOSS x the dense engine: the content has not changed in a way that could make it win (pets video, 2
+  threads: each YOLOX-Nano probe cost 4-6x the dense engine's frames).
 """
 
 from __future__ import annotations
@@ -217,13 +220,14 @@ class FrameGuard:
         ref = acts[len(acts) // 4] if acts else self.cost.a0
         return max(2.0 * ref, ref + 0.03, self.calm_floor)
 
-    def delta_ms(self, a: float) -> float:
+    def delta_ms(self, a: float, scale_bump: bool | None = None) -> float:
         """Predicted ms of a delta frame of activity `a` from the current state: the recent delta frames' median ms
         plus the profile's extra cost of `a` over their median activity (none when `a` is lower; with `scale_bump`
         times their ms over the profile's for them, when below 1); when some of the last 64 delta frames had about
         this activity, the larger of that median and theirs instead. Right after a
         re-seed (no delta frame since), the same from the first delta frames after earlier re-seeds (a fresh
-        state's cost: the profile's may be far off, e.g. with a relative floor), else the profile's."""
+        state's cost: the profile's may be far off, e.g. with a relative floor), else the profile's. scale_bump:
+        overrides `self.scale_bump` (False: the profile's whole bump, an upper bound)."""
         frames = self._recent or self._fresh
         if not frames:
             return self.cost(a)
@@ -233,7 +237,8 @@ class FrameGuard:
             return max(base, median(near))
         ref = self.cost(median(x for _, x in frames))
         bump = max(0.0, self.cost(a) - ref)
-        if self.scale_bump and ref > 0.0:  # the profile overprices these frames: its bump too, by as much
+        scale = self.scale_bump if scale_bump is None else scale_bump
+        if scale and ref > 0.0:  # the profile overprices these frames: its bump too, by as much
             bump *= min(1.0, base / ref)
         return base + bump
 
@@ -299,6 +304,14 @@ class FrameGuard:
         if a is None:
             raise ValueError("FrameGuard.decide: this frame's activity is needed")
         calm = a <= self.calm_activity
+        if self.state == "delta" and self._probing and not calm and len(self._recent) < 2 \
+                and self.delta_ms(a, scale_bump=False) > self.limit * self.ort:
+            # a probe's frame that is no calm frame and, unless delta frames of about its activity were measured,
+            # is priced as a swing by the profile's whole bump: the probe is over (a swing frame measures nothing
+            # about the calm content it probes, and would run at 3-4x the dense engine)
+            self._probing = False
+            self._to_ort(self.min_stay)
+            return "ort"
         if self.state == "delta":
             if (self._probing and len(self._recent) < 2) or (not self._recent and calm):  # a probe, or a re-seed,
                 # measures before it judges (leaving at once would throw the re-seed away unmeasured)
