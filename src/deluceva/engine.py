@@ -379,7 +379,10 @@ class Engine:
 
     def _dense_stay(self) -> bool:
         """Whether the guard keeps this frame on the dense engine without reading its activity (a stay that cannot
-        end early): its input floor and change histogram are then not needed."""
+        end early, or a plan band run on the dense engine as a whole, e.g. at 0%): its input floor and change
+        histogram are then not needed, nor a copy of the frame to compare the next with (~0.2 ms at 768x448)."""
+        if self._band == "ort":
+            return True
         guard = self._guard
         return guard is not None and not guard.needs_activity()  # False outside such a stay
 

@@ -457,7 +457,8 @@ class DeltaNetwork(nn.Module):
     def refresh(self) -> None:
         """Make the next call run dense and re-seed every unit's state (the filters keep their average candidate
         counts: FilterConfig.count_smoothing)."""
-        self._dense_next = True
+        if not self._dense_next:  # (every frame of a stay on the dense engine: nn.Module's attribute set ~40 us)
+            self._dense_next = True
 
     # ---------------------------------------------------------------- run
     def forward(self, x: torch.Tensor) -> Any:
