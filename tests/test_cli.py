@@ -167,6 +167,11 @@ def test_bench_plot_draws_one_timeline_per_result_row(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     width, height = Image.open(out).size
     assert (width, height) == (1200, 260 * len(rows)), (width, height)  # 12 x 2.6 in per panel at 100 dpi
+    proc = run_cli("bench", "plot", str(result), "--out", str(out), "--model", "yolov5n", "--video",
+                   "one-by-one-person-detection", "--threads", "1", "--filter", "0.01")
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (1200, 260)  # the one matching row
+    assert_clean_error(run_cli("bench", "plot", str(result), "--threads", "2"), "no result row matches")
     assert_clean_error(run_cli("bench", "plot", str(tmp_path / "missing.json")), "no such result file")
     assert_clean_error(run_cli("bench", "plot", str(ROOT / "pyproject.toml")), "not json")
     ops = tmp_path / "ops.json"

@@ -330,11 +330,18 @@ def bench_plan(
 def bench_plot(
     result: Annotated[Path, typer.Argument(help="A `deluceva bench plan` JSON")],
     out: Annotated[Path | None, typer.Option(help="PNG output (default: the JSON's path with .png)")] = None,
+    models_: Annotated[list[str] | None, typer.Option("--model", help="Only these models' rows")] = None,
+    videos: Annotated[list[str] | None, typer.Option("--video", help="Only these videos' rows (file name or stem)")
+                      ] = None,
+    threads: Annotated[list[int] | None, typer.Option("--threads", help="Only these thread counts' rows")] = None,
+    filters: Annotated[list[float] | None, typer.Option("--filter", help="Only these filtering percentages' rows")
+                       ] = None,
 ) -> None:
     """Per-frame timelines of a `bench plan` result: ms per frame of each engine, the mixed engine's decisions."""
-    from deluceva.eval.plan_plot import load_result, plot_timelines
+    from deluceva.eval.plan_plot import load_result, plot_timelines, select_rows
 
-    out_console.print(f"wrote {plot_timelines(load_result(result), out or result.with_suffix('.png'))}")
+    chosen = select_rows(load_result(result), models_, videos, threads, filters)
+    out_console.print(f"wrote {plot_timelines(chosen, out or result.with_suffix('.png'))}")
 
 
 @bench_app.command("ops", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

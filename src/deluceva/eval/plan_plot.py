@@ -34,6 +34,22 @@ def load_result(path: Path) -> dict[str, Any]:
     return result
 
 
+def select_rows(result: dict[str, Any], models: list[str] | None = None, videos: list[str] | None = None,
+                threads: list[int] | None = None, filters: list[float] | None = None) -> dict[str, Any]:
+    """`result` with only the rows of the given models, videos (file name or stem), thread counts and filtering
+    percentages (None: any); a DelucevaError when none is left."""
+    def keep(row: dict[str, Any]) -> bool:
+        video = Path(row["video"])
+        return ((not models or row["model"] in models) and (not videos or video.name in videos or video.stem in videos)
+                and (not threads or row["threads"] in threads)
+                and (not filters or any(abs(row["filter_pct"] - f) < 1e-9 for f in filters)))
+
+    rows = [r for r in result["rows"] if keep(r)]
+    if not rows:
+        raise DelucevaError("no result row matches the selection (models, videos, threads, filters)")
+    return {**result, "rows": rows}
+
+
 def panel_title(row: dict[str, Any]) -> str:
     """One row's headline: which cell, mixed x ONNX Runtime, mixed / fastest, mAP, decisions ort/reseed/delta."""
     ms, d = row["ms_mean"], row["decisions"]
@@ -51,7 +67,8 @@ def plot_timelines(result: dict[str, Any], path: Path) -> Path:
 
     rows = result["rows"]
     if len(rows) > MAX_PANELS:
-        raise DelucevaError(f"{len(rows)} result rows: at most {MAX_PANELS} panels fit one figure")
+        raise DelucevaError(f"{len(rows)} result rows: at most {MAX_PANELS} panels fit one figure (select some: "
+                            "--model, --video, --threads, --filter)")
     fig, axes = plt.subplots(len(rows), 1, figsize=(12, 2.6 * len(rows)), squeeze=False)
     for ax, row in zip(axes[:, 0], rows, strict=True):
         pf = row["per_frame"]
