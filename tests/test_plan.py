@@ -554,7 +554,7 @@ def test_a_probe_runs_no_swing_frame_on_the_delta_network():
     video's swing frames cost 3-4x the dense engine as delta frames, so the swing runs on the dense engine and the
     probe counts as lost; a calm frame there is measured, and so is a busy one priced cheap by delta frames
     measured at about its activity (the person video's codec keyframes)."""
-    def probe(second_activity: float, measured: list[tuple[float, float]] = ()) -> list[str]:
+    def probe(second_activity: float, measured: tuple[tuple[float, float], ...] = ()) -> list[str]:
         guard = FrameGuard(DeltaCost(44.0, 120.0, 0.02), ort_ms=40.0, seed_ms=60.0, scale_bump=True)
         for ms, a in measured:
             guard._seen.append((ms, a))

@@ -304,16 +304,16 @@ class FrameGuard:
         if a is None:
             raise ValueError("FrameGuard.decide: this frame's activity is needed")
         calm = a <= self.calm_activity
-        if self.state == "delta" and self._probing and not calm and len(self._recent) < 2 \
-                and self.delta_ms(a, scale_bump=False) > self.limit * self.ort:
-            # a probe's frame that is no calm frame and, unless delta frames of about its activity were measured,
-            # is priced as a swing by the profile's whole bump: the probe is over (a swing frame measures nothing
-            # about the calm content it probes, and would run at 3-4x the dense engine)
-            self._probing = False
-            self._to_ort(self.min_stay)
-            return "ort"
         if self.state == "delta":
-            if (self._probing and len(self._recent) < 2) or (not self._recent and calm):  # a probe, or a re-seed,
+            probe_measures = self._probing and len(self._recent) < 2
+            if probe_measures and not calm and self.delta_ms(a, scale_bump=False) > self.limit * self.ort:
+                # a probe's frame that is no calm frame and, unless delta frames of about its activity were
+                # measured, is priced as a swing by the profile's whole bump: the probe is over (a swing frame
+                # measures nothing about the calm content it probes, and would run at 3-4x the dense engine)
+                self._probing = False
+                self._to_ort(self.min_stay)
+                return "ort"
+            if probe_measures or (not self._recent and calm):  # a probe, or a re-seed,
                 # measures before it judges (leaving at once would throw the re-seed away unmeasured)
                 self._acts.append(a)
                 self._last_a = a
