@@ -119,8 +119,8 @@ def test_engine_raises_the_percentage_on_a_still_scene() -> None:
     for _ in range(10):
         eng.infer(rgbs[0])
     assert eng._probe.errors == []  # a repeated frame is idle: nothing to probe
-    still = [np.clip(rgbs[0].astype(np.int16) + d, 0, 255).astype(np.uint8) for d in (0, 8, 0, 8, 0, 8, 0, 8, 0)]
-    for rgb in still:  # a flicker above the input floor: delta frames, each one exactly right
+    still = [np.clip(rgbs[0].astype(np.int16) + d, 0, 255).astype(np.uint8) for d in (0, 16, 0, 16, 0, 16, 0, 16, 0)]
+    for rgb in still:  # a flicker above the input floor and coherence: delta frames, each one exactly right
         eng.infer(rgb)
     assert eng._probe.errors and max(eng._probe.errors) <= 0.05
     assert eng.filter_pct > 50.0

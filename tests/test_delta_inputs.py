@@ -84,9 +84,9 @@ def test_typical_change_is_the_sampled_median_of_the_largest_channel_change() ->
 
 def test_adaptive_floor_holds_codec_keyframe_noise_and_keeps_exposure_changes() -> None:
     """On the person video every 10th frame is a codec keyframe: it re-quantises every pixel by 1-3 grey levels.
-    With the adaptive floor that frame's input floor rises (3 x the median change, 2 levels) and far fewer input
-    pixels go through; frames with a median change of 0 keep the base floor; a global brightness change (median at
-    or above the base floor) keeps the base floor too."""
+    With the adaptive floor (alone: coherence off) that frame's input floor rises (3 x the median change, 2 levels)
+    and far fewer input pixels go through; frames with a median change of 0 keep the base floor; a global brightness
+    change (median at or above the base floor) keeps the base floor too."""
     import numpy as np
 
     from deluceva.engine import Engine, EngineConfig
@@ -98,7 +98,7 @@ def test_adaptive_floor_holds_codec_keyframe_noise_and_keeps_exposure_changes() 
     runs = {}
     for k in (0.0, 3.0):
         eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", filter_pct=0.01,
-                                       adaptive_floor=k, warmup=False))
+                                       adaptive_floor=k, coherence=0.0, warmup=False))
         floors, active = [], []
         for f in frames:
             eng.process(f)
@@ -179,14 +179,15 @@ def test_the_input_floor_rises_to_the_input_filters_floor_and_they_hold_nothing(
     """YOLOv5n's first conv filters the network input with the relative floor (0.2 x the input's std, ~13 grey
     levels) far above the input floor (3): the input delta takes that floor, so a change under it waits in the
     input (x - applied) and the filter forwards every pixel it receives, holding none. YOLOX-Nano reads its input
-    through unfiltered slices (Focus): its input floor stays the configured one."""
+    through unfiltered slices (Focus): its input floor stays the configured one. (Coherence off: every pixel over
+    the floor goes in.)"""
     from deluceva.engine import Engine, EngineConfig
 
     with open_source(str(ROOT / "assets/video/one-by-one-person-detection.mp4"), max_frames=40) as src:
         frames = list(src)
     det = load_model("yolov5n")
     eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", filter_pct=0.01,
-                                   relative_floor=0.2, warmup=False))
+                                   relative_floor=0.2, coherence=0.0, warmup=False))
     eng.process(frames[0])
     net = eng.delta_network
     (filt,) = net._input_filters
@@ -213,3 +214,116 @@ def test_the_input_floor_rises_to_the_input_filters_floor_and_they_hold_nothing(
         yolox.process(f)
     assert yolox.delta_network.input_filter_floor == 0.0
     assert yolox.delta_network.input_floor == yolox.delta_network.config.input_floor
+
+
+def _person_pairs(frames: list[int], size: str = "768x448") -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """(previous, this) network inputs of YOLOv5n at `size` for the given frame indices of the person video (10
+    fps, an H.264 keyframe every 10th frame)."""
+    det = load_model("yolov5n")
+    first = min(frames) - 1
+    with open_source(str(ROOT / "assets/video/one-by-one-person-detection.mp4"), start=first / 10.0,
+                     max_frames=max(frames) - first + 1) as src:
+        got = {}
+        for f in src:
+            hw = det.input_hw(size, src.source_hw)
+            got[f.index] = det.preprocess(f.rgb, hw)[0]
+    return {k: (got[k - 1], got[k]) for k in frames}
+
+
+def test_coherence_holds_keyframe_noise_and_forwards_a_walking_person() -> None:
+    """Frame 210 of the person video is a codec keyframe: every pixel is requantised (half change by 2+ grey levels),
+    nobody moves. Frame 65: a person walks near the camera. With the floor at 10 grey levels, the coherence test
+    (8x8 windows, 12 grey levels) keeps under 5% of the keyframe's pixels over the floor and over 90% of the
+    walking person's; what waits stays in x - applied, exactly."""
+    pairs = _person_pairs([65, 210])
+    floor, coherence = 10 / 255, 12 / 255
+    kept = {}
+    for k, (prev, x) in pairs.items():
+        plain = input_delta(x, prev.clone(), floor)
+        applied = prev.clone()
+        d = input_delta(x, applied, floor, coherence)
+        kept[k] = (0 if d is None else d.active) / plain.active
+        moved = (applied - prev).permute(0, 2, 3, 1).reshape(-1, 3)
+        if d is not None:  # forwarded pixels are applied fully, the others not at all
+            assert torch.equal(moved.index_select(0, d.index), d.values)
+            assert set(d.index.tolist()) <= set(plain.index.tolist())
+        assert int(moved.abs().amax(1).gt(0).sum()) == (0 if d is None else d.active)  # the rest waits in x - applied
+    assert kept[210] < 0.05, kept
+    assert kept[65] > 0.9, kept
+
+
+def test_coherent_kernel_matches_the_torch_reference() -> None:
+    """The compiled kernel (its cells' sums only in the bands around pixels over the floor) forwards exactly the
+    pixels of `coherent_mask` over the floor: real keyframe and walking frames, batch of 2, sizes not multiples of
+    the cell, a change in one corner only."""
+    from deluceva.delta import inputs
+
+    if not inputs.HAVE_NUMBA:
+        pytest.skip("numba is not installed: only the torch path exists")
+    pairs = _person_pairs([65, 210], "384x224")
+    cases = [(p, x) for p, x in pairs.values()]
+    cases.append((torch.cat([pairs[65][0], pairs[210][0]]), torch.cat([pairs[65][1], pairs[210][1]])))
+    cases += [(p[..., :221, :381].contiguous(), x[..., :221, :381].contiguous()) for p, x in pairs.values()]
+    corner = pairs[210][0].clone()
+    corner[..., 200:, 360:] += 0.2  # one coherent patch: the kernel sums the bands around it only
+    cases.append((pairs[210][0], corner))
+    for prev, x in cases:
+        for floor, coherence in ((4 / 255, 6 / 255), (10 / 255, 12 / 255)):
+            d = x - prev
+            mask = (d.abs().amax(1) > floor) & inputs.coherent_mask(d, coherence)
+            got = inputs.input_delta(x, prev.clone(), floor, coherence)
+            want = mask.reshape(-1).nonzero().squeeze(1)
+            assert torch.equal(got.index if got is not None else want[:0], want)
+            if got is not None:
+                rows = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1]).index_select(0, want)
+                assert torch.equal(got.values, rows)
+    assert int(mask.sum()) == 24 * 24  # the corner case: its patch, all of it
+
+
+def test_coherence_is_off_when_exact() -> None:
+    """--filter 0 forwards every change of a keyframe whatever the coherence (the network's applied input is the
+    frame's); a coherence outside [0, 256) grey levels is refused."""
+    from deluceva.engine import Engine, EngineConfig
+    from deluceva.errors import DelucevaError
+
+    with pytest.raises(DelucevaError, match="--coherence"):
+        EngineConfig(mode="delta", coherence=-1.0)
+    det = load_model("yolov5n")
+    eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", coherence=50.0,
+                                   warmup=False))
+    with open_source(str(ROOT / "assets/video/one-by-one-person-detection.mp4"), start=20.9, max_frames=2) as src:
+        frames = list(src)
+    assert [f.index for f in frames] == [209, 210]
+    for f in frames:
+        eng.process(f)
+    net = eng.delta_network
+    assert net.config.input_coherence == 0.0 and not net.last_dense
+    x = det.preprocess(frames[1].rgb, det.input_hw("384x224", frames[1].rgb.shape[:2]))[0]
+    assert torch.equal(net._x, x) and net.last_input_delta.active > 1000
+
+
+def test_idle_frames_after_a_keyframe_with_coherence_are_truly_idle(monkeypatch) -> None:
+    """After a keyframe, its requantisation noise over the floor waits in the input (incoherent): the uint8 mirror
+    still finds the next unchanged frames idle (no float input built), and on each such frame the float input
+    delta would indeed forward nothing."""
+    from deluceva.engine import Engine, EngineConfig
+
+    det = load_model("yolov5n")
+    built = []
+    to_input = det.to_input
+    monkeypatch.setattr(det, "to_input", lambda *a: built.append(1) or to_input(*a))
+    eng = Engine(det, EngineConfig(mode="delta", imgsz="768x448", threads=1, plan="delta", filter_pct=0.01,
+                                   relative_floor=0.2, warmup=False))
+    with open_source(str(ROOT / "assets/video/one-by-one-person-detection.mp4"), start=20.5, max_frames=12) as src:
+        frames = list(src)
+    assert frames[5].index == 210
+    idle_after_keyframe = 0
+    for f in frames:
+        built.clear()
+        eng.process(f)
+        if not built:  # the mirror found the frame idle
+            net = eng.delta_network
+            x = det.preprocess(f.rgb, det.input_hw("768x448", f.rgb.shape[:2]))[0]
+            assert input_delta(x, net._x.clone(), net.input_floor, net.config.input_coherence) is None
+            idle_after_keyframe += f.index > 210
+    assert idle_after_keyframe >= 2

@@ -51,6 +51,10 @@ def detect(
              "std, measured at the stream's first frame (e.g. --filter 0.01 --relative-floor 0.2, YOLOv5n: mAP "
              "0.99-1.00 at 0.95-1.55x ONNX Runtime on the shipped videos, fastest on calm scenes; profiles and plans "
              "are made without it)")] = 0.0,
+    coherence: Annotated[float, typer.Option(
+        help="Delta mode, --filter > 0: an input pixel over the floor also waits unless its 8x8 window's mean "
+             "change exceeds this many grey levels (codec keyframe noise averages out, moving objects do not); "
+             "0: off")] = 12.0,
     filter_of: Annotated[str, typer.Option(
         help="Delta mode: --filter is a percentage of each filter's changed positions (changes) or of all its "
              "positions (positions: at most 100 - P % forwarded; profiles and plans are made with changes)")
@@ -75,8 +79,8 @@ def detect(
 
     config = EngineConfig(mode=mode, imgsz=imgsz, filter_pct=filter_pct, threads=threads,  # type: ignore[arg-type]
                           dense_engine=dense_engine, refresh_every=refresh_every, plan=plan,
-                          relative_floor=relative_floor, filter_of=filter_of, error_target=error_target,
-                          probe_every=probe_every)
+                          relative_floor=relative_floor, coherence=coherence, filter_of=filter_of,
+                          error_target=error_target, probe_every=probe_every)
     if max_frames is not None and max_frames < 1:
         raise DelucevaError(f"--max-frames must be >= 1, got {max_frames}")
     if stats is not None and mode != "delta":
@@ -308,6 +312,8 @@ def bench_plan(
     relative_floor: Annotated[float, typer.Option(
         help="The delta engines' --relative-floor (see detect; their plan comes from the profile made without it)"
     )] = 0.0,
+    coherence: Annotated[float | None, typer.Option(
+        help="The delta engines' --coherence in grey levels (see detect; default: detect's)")] = None,
 ) -> None:
     """Mixed plan (plan=auto) vs all-dense, all-delta and ONNX Runtime, end to end, with predicted vs measured."""
     from deluceva.engine import EngineConfig
@@ -315,7 +321,8 @@ def bench_plan(
 
     if frames < 2 or repeats < 1:
         raise DelucevaError("--frames must be >= 2 and --repeats >= 1")
-    EngineConfig(mode="delta", relative_floor=relative_floor)  # its check of the floor, before decoding or profiling
+    # their checks of the floors, before decoding or profiling
+    EngineConfig(mode="delta", relative_floor=relative_floor, **({} if coherence is None else {"coherence": coherence}))
     if schedule is not None and schedule not in SCHEDULES:
         raise DelucevaError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     models_ = models_ or ["yolov5n", "yolox-nano"]
@@ -323,7 +330,7 @@ def bench_plan(
     out = out or Path(f"bench/results/plan_{'_'.join(models_)}.json")
     run_plan_benchmark(models_, sizes or ["768x448", "default"], threads or [1, 2],
                        [float(f) for f in filters.split(",")], videos, frames, start, repeats, profile_frames,
-                       reprofile, out, out_console, progress_bar, schedule, relative_floor)
+                       reprofile, out, out_console, progress_bar, schedule, relative_floor, coherence)
 
 
 @bench_app.command("plot")

@@ -75,8 +75,9 @@ def convert(
     gm = canonical_passes(gm)
     gm = shape_prop(gm, example_input)
     gm = mark_varying(gm)
-    config = FilterConfig(float(filter_pct), granularity, float(noise_floor), int(tile), state_dtype,
-                          float(input_floor), float(relative_floor))
+    config = FilterConfig(filter_pct=float(filter_pct), granularity=granularity, noise_floor=float(noise_floor),
+                          tile=int(tile), state_dtype=state_dtype, input_floor=float(input_floor),
+                          relative_floor=float(relative_floor))
     ctx = BuildContext(gm, config, filter_all)
     gm = mark_dense(gm, lambda node: lookup(node, ctx) is not None)
     net = DeltaNetwork(gm, config, filter_all=filter_all)

@@ -45,7 +45,10 @@ class EngineConfig:
     (a codec keyframe re-quantises every pixel by 1-3 levels: on the person video 30% of the input pixels passed a
     3-level floor at each keyframe); a larger median is a global change (exposure) and keeps the base floor; 0: off.
     relative_floor: with filter_pct > 0, every filter also holds back changes up to this fraction of its input's
-    std. At filter_pct = 0 all floors are off (exact).
+    std. coherence: with filter_pct > 0, an input pixel over the floor also waits unless it lies in a window of 8 x 8
+    pixels whose mean change exceeds this many grey levels in some channel (`delta.inputs.coherent_mask`: a codec
+    keyframe's requantisation noise averages out over such a window, a moving object's change does not); 0: off.
+    At filter_pct = 0 all floors are off (exact).
     filter_of: what filter_pct is a percentage of: "changes" (each filter's changed positions) or "positions" (all
     its positions: at most (100 - filter_pct)% forwarded, every change while fewer changed; FilterConfig.percent_of).
     plan: delta mode's physical plan, auto | dense | delta | plan/profile file (see deluceva.plan).
@@ -68,6 +71,7 @@ class EngineConfig:
     input_noise_floor: float = 3.0
     adaptive_floor: float = 3.0
     relative_floor: float = 0.0
+    coherence: float = 12.0
     filter_of: str = "changes"
     plan: str = "auto"
     dense_seed: bool = True
@@ -86,6 +90,8 @@ class EngineConfig:
             raise DelucevaError(f"adaptive_floor must be >= 0, got {self.adaptive_floor}")
         if self.relative_floor < 0.0:
             raise DelucevaError(f"--relative-floor must be >= 0, got {self.relative_floor}")
+        if not 0.0 <= self.coherence < 256.0:
+            raise DelucevaError(f"--coherence must be in [0, 256) grey levels, got {self.coherence}")
         if self.threads < 1:
             raise DelucevaError(f"--threads must be >= 1, got {self.threads}")
         if self.refresh_every is not None and self.refresh_every < 1:
@@ -239,8 +245,10 @@ class Engine:
         pct = self.filter_pct
         plan = apply_plan(net, self._plans, pct)  # sets net.filter_pct and the plan band's unit modes
         on = pct > 0.0
-        floor = self._input_floor_grey() * float(getattr(self.detector, "input_scale", 1 / 255))
+        scale = float(getattr(self.detector, "input_scale", 1 / 255))
+        floor = self._input_floor_grey() * scale
         net.config.input_floor = floor
+        net.config.input_coherence = cfg.coherence * scale if on else 0.0
         net.config.relative_floor = cfg.relative_floor if on else 0.0
         net.config.percent_of = cfg.filter_of
         decision, act, guard = self._guard_decision(plan or self._unprofiled, x, floor)
@@ -426,7 +434,10 @@ class Engine:
         last = self._last_delta_dets
         if (mirror is None or net is None or last is None or last[1] != geo
                 or last[0] != net.frames_since_reset  # the last detections are of the network's last frame
-                or self._refresh_due() or not mirror.unchanged(img, self._idle_floor_grey())):
+                or self._refresh_due()):
+            return None
+        floor = self._idle_floor_grey()
+        if not mirror.unchanged(img, floor, self.config.coherence if floor > 0.0 else 0.0):  # as input_delta tests
             return None
         t0 = time.perf_counter()
         if net.idle_frame() is None:

@@ -97,6 +97,7 @@ class FilterConfig:
     filtered_state_dtype: torch.dtype | None = torch.float32
     percent_of: str = "changes"  # filter_pct of what: "changes" (the granules with a pending delta) | "positions" (all)
     count_smoothing: float = 0.1  # "changes": weight per call of the average candidate count carried over re-seeds
+    input_coherence: float = 0.0  # with input_floor > 0, pixels outside coherent 8x8 windows wait too (input units)
 
     @property
     def seed_state_dtype(self) -> torch.dtype:

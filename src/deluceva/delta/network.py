@@ -579,7 +579,9 @@ class DeltaNetwork(nn.Module):
 
     def _run_delta(self, x: torch.Tensor) -> Any:
         if x.dim() == 4 and x.is_floating_point() and x.is_contiguous():
-            dx = input_delta(x, self._x, self.input_floor)  # self._x: the input applied so far
+            floor = self.input_floor
+            coherence = self.config.input_coherence if floor > 0.0 else 0.0
+            dx = input_delta(x, self._x, floor, coherence)  # self._x: the input applied so far
         else:
             dx = x - self._x
             self._x = x.detach().clone()
