@@ -163,6 +163,7 @@ def _input_delta_coherent_nb(x, a, h, w, floor, coherence, cell, scratch, sums, 
 
 
 COHERENCE_CELL = 4  # pixels: coherence windows are 2 x 2 cells (8 x 8 pixels), on a grid of 4
+COHERENT_IDLE_CAP = 0.03  # InputMirror.unchanged: more pixels over the floor than this share is a busy frame
 
 
 def coherent_mask(d: torch.Tensor, coherence: float, cell: int = COHERENCE_CELL) -> torch.Tensor:
@@ -247,36 +248,54 @@ def _max_absdiff_over_nb(u, a, limit):  # pragma: no cover - compiled
 
 
 @jit
-def _coherent_change_nb(u, a, limit, coherence, top, left, canvas_h, canvas_w, cell, scratch):  # pragma: no cover
+def _coherent_change_nb(u, a, limit, coherence, top, left, canvas_h, canvas_w, cell, cap, scratch
+                        ):  # pragma: no cover - compiled
     """Whether some pixel of the uint8 image u (h, w, c) changed by more than `limit` against a in a coherent cell
     of the canvas (the image at (top, left) of a canvas_h x canvas_w canvas whose padding never changes): a cell
-    some window of 2 x 2 cells holding it has a mean change above `coherence` grey levels in (`_coherent_cells_nb`
-    on the canvas, its sums exact integers). scratch: (h * w,) int64 work."""
+    some window of 2 x 2 cells holding it has a mean change above `coherence` grey levels in
+    (`_coherent_cells_nb` on the canvas, its sums exact integers). More than `cap` pixels over `limit`: True
+    at once (a busy frame is not idle: this check is for codec noise). scratch: (h * w,) int64 work."""
     h, w, c = u.shape
     hc, wc = -(-canvas_h // cell), -(-canvas_w // cell)
+    u2, a2 = u.reshape(h, w * c), a.reshape(h, w * c)  # rows of interleaved channels
     bands = np.zeros(hc, np.bool_)
     cnt = 0
     for y in range(h):
+        uy, ay = u2[y], a2[y]
+        over = False
+        for j in range(w * c):
+            if abs(np.int16(uy[j]) - np.int16(ay[j])) > limit:
+                over = True
+                break
+        if not over:
+            continue
         for x in range(w):
             m = 0
             for ch in range(c):
-                m = max(m, abs(np.int16(u[y, x, ch]) - np.int16(a[y, x, ch])))
+                m = max(m, abs(np.int16(uy[x * c + ch]) - np.int16(ay[x * c + ch])))
             if m > limit:
+                if cnt == cap:
+                    return True
                 scratch[cnt] = y * w + x
                 cnt += 1
-                cy = (y + top) // cell
-                bands[max(0, cy - 1):cy + 2] = True
+        cy = (y + top) // cell
+        bands[max(0, cy - 1):cy + 2] = True
     if cnt == 0:
         return False
     sums = np.zeros((c, hc, wc), np.float64)
+    col = np.empty(w * c, np.int32)
     for cy in range(hc):
         if not bands[cy]:
             continue
+        col[:] = 0
         for y in range(max(0, cy * cell - top), min(h, (cy + 1) * cell - top)):
-            for x in range(w):
-                cx = (x + left) // cell
-                for ch in range(c):
-                    sums[ch, cy, cx] += np.int16(u[y, x, ch]) - np.int16(a[y, x, ch])
+            uy, ay = u2[y], a2[y]
+            for j in range(w * c):
+                col[j] += np.int32(uy[j]) - np.int32(ay[j])
+        for x in range(w):
+            cx = (x + left) // cell
+            for ch in range(c):
+                sums[ch, cy, cx] += col[x * c + ch]
     ok = np.empty((hc, wc), np.bool_)
     _coherent_cells_nb(sums, canvas_h, canvas_w, cell, coherence, ok)
     for k in range(cnt):
@@ -359,8 +378,9 @@ class InputMirror:
         # pixels over the floor: unchanged still when none lies in a coherent cell (the float test's coherence,
         # 0.1% lower: its float sums' rounding can only make it forward less than the integer sums show)
         ch, cw = self.canvas_hw
+        npix = img.shape[0] * img.shape[1]
         return not _coherent_change_nb(img, a, limit, coherence_grey * (1 - 1e-3), self.top, self.left, ch, cw,
-                                       COHERENCE_CELL, index_scratch(img.shape[0] * img.shape[1]))
+                                       COHERENCE_CELL, int(COHERENT_IDLE_CAP * npix), index_scratch(npix))
 
     def typical_change(self, img: np.ndarray, step: int = 4) -> int | None:
         """Median over the image's pixels (every `step`-th row and column: ~0.1 ms at 768x432) of the largest
