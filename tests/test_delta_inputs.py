@@ -327,3 +327,31 @@ def test_idle_frames_after_a_keyframe_with_coherence_are_truly_idle(monkeypatch)
             assert input_delta(x, net._x.clone(), net.input_floor, net.config.input_coherence) is None
             idle_after_keyframe += f.index > 210
     assert idle_after_keyframe >= 2
+
+
+def test_coherence_is_off_under_a_low_input_floor() -> None:
+    """YOLOX-Nano's input floor stays at the configured 3-6 grey levels (Focus slices, no filter on the input):
+    coherence 12 does not apply there (most pixels would be held and tested again every frame), so the keyframe's
+    input delta is the plain one at its floor; YOLOv5n's, raised to its first filter's ~13 levels, takes it."""
+    from deluceva.delta.inputs import effective_coherence
+    from deluceva.engine import Engine, EngineConfig
+
+    with open_source(str(ROOT / "assets/video/one-by-one-person-detection.mp4"), start=20.9, max_frames=2) as src:
+        frames = list(src)
+    for model, applies in (("yolox-nano", False), ("yolov5n", True)):
+        det = load_model(model)
+        eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", filter_pct=0.01,
+                                       relative_floor=0.2, warmup=False))
+        eng.process(frames[0])
+        net = eng.delta_network
+        applied = net._x.clone()
+        eng.process(frames[1])
+        floor, coherence = net.input_floor, net.config.input_coherence
+        assert coherence > 0.0 and (effective_coherence(floor, coherence) > 0.0) == applies
+        x = det.preprocess(frames[1].rgb, det.input_hw("384x224", frames[1].rgb.shape[:2]))[0]
+        plain = input_delta(x, applied.clone(), floor)
+        got = net.last_input_delta
+        if applies:
+            assert got is None or got.active < plain.active
+        else:
+            assert got is not None and torch.equal(got.index, plain.index)

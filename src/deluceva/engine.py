@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from deluceva.control import ErrorProbe, PIController
-from deluceva.delta.inputs import InputMirror
+from deluceva.delta.inputs import InputMirror, effective_coherence
 from deluceva.delta.pixels import PixelDelta
 from deluceva.dense import DenseRun, make_dense, resolve_dense_engine
 from deluceva.errors import DelucevaError
@@ -47,7 +47,9 @@ class EngineConfig:
     relative_floor: with filter_pct > 0, every filter also holds back changes up to this fraction of its input's
     std. coherence: with filter_pct > 0, an input pixel over the floor also waits unless it lies in a window of 8 x 8
     pixels whose mean change exceeds this many grey levels in some channel (`delta.inputs.coherent_mask`: a codec
-    keyframe's requantisation noise averages out over such a window, a moving object's change does not); 0: off.
+    keyframe's requantisation noise averages out over such a window, a moving object's change does not), where the
+    network's input floor is at least 3/4 of it (`delta.inputs.effective_coherence`: YOLOv5n with a relative floor,
+    whose first conv raises the input floor to ~13 grey levels; not YOLOX-Nano's 3-6); 0: off.
     At filter_pct = 0 all floors are off (exact).
     filter_of: what filter_pct is a percentage of: "changes" (each filter's changed positions) or "positions" (all
     its positions: at most (100 - filter_pct)% forwarded, every change while fewer changed; FilterConfig.percent_of).
@@ -439,7 +441,7 @@ class Engine:
         floor = self._idle_floor_grey()
         # coherence as input_delta tests it, checked only after a frame whose input forwarded nothing (a frame after
         # one with coherent changes is rarely idle, and the check costs 0.3-1 ms where the plain one stops early)
-        coherence = self.config.coherence if floor > 0.0 and net.last_input_delta is None else 0.0
+        coherence = effective_coherence(floor, self.config.coherence) if net.last_input_delta is None else 0.0
         if not mirror.unchanged(img, floor, coherence):
             return None
         t0 = time.perf_counter()

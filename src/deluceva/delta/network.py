@@ -42,7 +42,7 @@ from deluceva.delta.base import (
 )
 from deluceva.delta.dense import RecomputeUnit, Replace, StaticUnit
 from deluceva.delta.filter import DenseFilter, PixelFilter, make_filter
-from deluceva.delta.inputs import input_delta
+from deluceva.delta.inputs import effective_coherence, input_delta
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, lookup
 from deluceva.delta.state import RowState
@@ -580,7 +580,7 @@ class DeltaNetwork(nn.Module):
     def _run_delta(self, x: torch.Tensor) -> Any:
         if x.dim() == 4 and x.is_floating_point() and x.is_contiguous():
             floor = self.input_floor
-            coherence = self.config.input_coherence if floor > 0.0 else 0.0
+            coherence = effective_coherence(floor, self.config.input_coherence) if floor > 0.0 else 0.0
             dx = input_delta(x, self._x, floor, coherence)  # self._x: the input applied so far
         else:
             dx = x - self._x
