@@ -18,19 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deluceva.delta.kernels._jit import HAVE_NUMBA, index_scratch, jit
+from deluceva.delta.kernels._jit import HAVE_NUMBA, index_scratch, jit, work_array
 from deluceva.delta.pixels import PixelDelta
-
-_SCRATCH: dict[tuple, np.ndarray] = {}
-
-
-def _scratch(shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    """A reused work array of this shape and dtype (the kernels overwrite it before reading)."""
-    key = (shape, np.dtype(dtype).str)
-    buf = _SCRATCH.get(key)
-    if buf is None:
-        buf = _SCRATCH[key] = np.empty(shape, dtype)
-    return buf
 
 
 @jit
@@ -216,8 +205,8 @@ def input_delta(x: torch.Tensor, applied: torch.Tensor, floor: float, coherence:
         if coherence > 0.0:
             hc, wc = -(-h // COHERENCE_CELL), -(-w // COHERENCE_CELL)
             idx, vals = _input_delta_coherent_nb(xs, As, h, w, np.float32(floor), float(coherence), COHERENCE_CELL,
-                                                 index_scratch(n * h * w), _scratch((c, hc, wc), np.float64),
-                                                 _scratch((hc, wc), np.bool_))
+                                                 index_scratch(n * h * w), work_array((c, hc, wc), np.float64),
+                                                 work_array((hc, wc), np.bool_))
         else:
             idx, vals = _input_delta_nb(xs, As, np.float32(floor), index_scratch(n * h * w))
         if idx.shape[0] == 0:

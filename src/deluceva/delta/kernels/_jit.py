@@ -36,16 +36,23 @@ def grown(buf: np.ndarray, rows: int, cap: int) -> np.ndarray:
     return np.empty((min(cap, max(rows, 2 * buf.shape[0])), *buf.shape[1:]), buf.dtype)
 
 
-_INDEX_SCRATCH: dict[int, np.ndarray] = {}
+_WORK: dict[tuple, np.ndarray] = {}
+
+
+def work_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A shared work array of this shape and dtype (one per shape and dtype, reused): for kernels that overwrite it
+    before reading and keep nothing of it past their return."""
+    key = (shape, np.dtype(dtype).str)
+    buf = _WORK.get(key)
+    if buf is None:
+        buf = _WORK[key] = np.empty(shape, dtype)
+    return buf
 
 
 def index_scratch(size: int) -> np.ndarray:
-    """A shared int64 work buffer of `size` entries (one per size, reused): for kernels that list indices in it and
-    return a copy of the listed part before returning, so callers never hold it."""
-    buf = _INDEX_SCRATCH.get(size)
-    if buf is None:
-        buf = _INDEX_SCRATCH[size] = np.empty(size, np.int64)
-    return buf
+    """A shared int64 work buffer of `size` entries (`work_array`): for kernels that list indices in it and return a
+    copy of the listed part before returning, so callers never hold it."""
+    return work_array((size,), np.int64)
 
 
 def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
