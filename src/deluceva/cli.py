@@ -313,8 +313,8 @@ def bench_plan(
     relative_floor: Annotated[float, typer.Option(
         help="The delta engines' --relative-floor (see detect; their plan comes from the profile made without it)"
     )] = 0.0,
-    coherence: Annotated[float | None, typer.Option(
-        help="The delta engines' --coherence in grey levels (see detect; default: detect's)")] = None,
+    coherence: Annotated[float, typer.Option(help="The delta engines' --coherence in grey levels (see detect)")
+                         ] = 12.0,
 ) -> None:
     """Mixed plan (plan=auto) vs all-dense, all-delta and ONNX Runtime, end to end, with predicted vs measured."""
     from deluceva.engine import EngineConfig
@@ -323,7 +323,7 @@ def bench_plan(
     if frames < 2 or repeats < 1:
         raise DelucevaError("--frames must be >= 2 and --repeats >= 1")
     # their checks of the floors, before decoding or profiling
-    EngineConfig(mode="delta", relative_floor=relative_floor, **({} if coherence is None else {"coherence": coherence}))
+    EngineConfig(mode="delta", relative_floor=relative_floor, coherence=coherence)
     if schedule is not None and schedule not in SCHEDULES:
         raise DelucevaError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     models_ = models_ or ["yolov5n", "yolox-nano"]

@@ -95,12 +95,10 @@ def ensure_profile(model: str, imgsz: str | None, threads: int, frames: int, rep
 
 
 def _engines(det: Any, imgsz: str | None, threads: int, pct: float, ort: Engine, relative_floor: float = 0.0,
-             coherence: float | None = None) -> dict[str, Engine]:
-    extra = {} if coherence is None else {"coherence": coherence}
-
+             coherence: float = EngineConfig.coherence) -> dict[str, Engine]:
     def delta(plan: str) -> Engine:
         return Engine(det, EngineConfig(mode="delta", imgsz=imgsz, threads=threads, filter_pct=pct, plan=plan,
-                                        relative_floor=relative_floor, **extra))
+                                        relative_floor=relative_floor, coherence=coherence))
 
     mixed = delta("auto")
     mixed.share_dense_engine(ort)  # one ONNX Runtime thread pool: with 2 threads, two pools spinning share 2 cores
@@ -144,7 +142,7 @@ def run_order(schedule: str, engines: Sequence[str], frames: int, seed: int) -> 
 
 def run_cell(det: Any, clip: Sequence[Any], imgsz: str | None, threads: int, pct: float, repeats: int,
              ort: Engine, cost: CostModel, tick: Any = None, schedule: str = "frame", relative_floor: float = 0.0,
-             coherence: float | None = None) -> dict[str, Any]:
+             coherence: float = EngineConfig.coherence) -> dict[str, Any]:
     """Runs of the four engines over `clip` at `pct` in `schedule` order (module docs); per engine per frame ms
     (median over repeats), the mixed engine's per-frame info (first repeat, with the cost model's ms of its delta
     frames) and detections (first repeat). tick: called once per frame and engine run."""
@@ -242,12 +240,12 @@ def summarise(cell: dict[str, Any], clip: Sequence[Any], cost: CostModel, pct: f
 def run_plan_benchmark(models: list[str], sizes: list[str], threads_list: list[int], filters: list[float],
                        videos: list[Path], frames: int, start: float, repeats: int, profile_frames: int,
                        reprofile: bool, out: Path, console: Console, progress_factory: Any,
-                       schedule: str | None = None, relative_floor: float = 0.0, coherence: float | None = None
-                       ) -> dict[str, Any]:
+                       schedule: str | None = None, relative_floor: float = 0.0,
+                       coherence: float = EngineConfig.coherence) -> dict[str, Any]:
     """Run the benchmark matrix; print the table; write JSON to `out` (per-frame series included). schedule:
     one of SCHEDULES or None (per thread count: `default_schedule`). relative_floor, coherence: the delta engines'
     `EngineConfig.relative_floor` (the profile stays the one made without floors: cost/meas then reads low) and
-    `EngineConfig.coherence` (None: its default)."""
+    `EngineConfig.coherence`."""
     rows: list[dict[str, Any]] = []
     clips = {v: decode(v, frames, start) for v in videos}
     for model in models:
@@ -283,7 +281,7 @@ def run_plan_benchmark(models: list[str], sizes: list[str], threads_list: list[i
             "time": "engine ms per frame: pre-processing + network + post-processing; per frame median over "
                     "repeats; frame 0 (seeding) excluded from means/medians", "repeats": repeats, "start_s": start,
             "swing": {"level": SWING_LEVEL, "share": SWING_SHARE}, "relative_floor": relative_floor,
-            "coherence": EngineConfig.coherence if coherence is None else coherence}
+            "coherence": coherence}
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"meta": meta, "rows": rows}
     out.write_text(json.dumps(result, indent=1))
