@@ -175,22 +175,24 @@ def test_a_frame_on_the_dense_engine_is_the_reference_of_the_next_frames_adaptiv
     assert eng._mirror.activity(3.0) is None
 
 
-def test_the_input_floor_rises_to_the_input_filters_floor_and_they_hold_nothing() -> None:
+@pytest.mark.parametrize("model", ["yolov5n", "yolox-nano"])
+def test_the_input_floor_rises_to_the_input_filters_floor_and_they_hold_nothing(model: str) -> None:
     """YOLOv5n's first conv filters the network input with the relative floor (0.2 x the input's std, ~13 grey
-    levels) far above the input floor (3): the input delta takes that floor, so a change under it waits in the
-    input (x - applied) and the filter forwards every pixel it receives, holding none. YOLOX-Nano reads its input
-    through unfiltered slices (Focus): its input floor stays the configured one. (Coherence off: every pixel over
-    the floor goes in.)"""
+    levels) far above the input floor (3); YOLOX-Nano's first conv filters it behind the Focus stem's slices and
+    concat, which only move whole pixels. The input delta takes that filter's floor, so a change under it waits in
+    the input (x - applied) and the filter forwards every position it receives, holding none. (Coherence off:
+    every pixel over the floor goes in.)"""
     from deluceva.engine import Engine, EngineConfig
 
     with open_source(str(ROOT / "assets/video/one-by-one-person-detection.mp4"), max_frames=40) as src:
         frames = list(src)
-    det = load_model("yolov5n")
+    det = load_model(model)
     eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", filter_pct=0.01,
                                    relative_floor=0.2, coherence=0.0, warmup=False))
     eng.process(frames[0])
     net = eng.delta_network
     (filt,) = net._input_filters
+    assert filt is net._filters[0]  # the first conv's
     forwarded = 0
     for f in frames[1:]:
         x_before = net._x.clone()
@@ -208,12 +210,6 @@ def test_the_input_floor_rises_to_the_input_filters_floor_and_they_hold_nothing(
         assert torch.equal(moved.index_select(0, dx.index), dx.values)
         assert int(moved.abs().amax(1).gt(0).sum()) == dx.active
     assert forwarded > 0  # the person walks: pixels above the floor went through
-    yolox = Engine(load_model("yolox-nano"), EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta",
-                                                          filter_pct=0.01, relative_floor=0.2, warmup=False))
-    for f in frames[:3]:
-        yolox.process(f)
-    assert yolox.delta_network.input_filter_floor == 0.0
-    assert yolox.delta_network.input_floor == yolox.delta_network.config.input_floor
 
 
 def _person_pairs(frames: list[int], size: str = "768x448") -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -330,18 +326,20 @@ def test_idle_frames_after_a_keyframe_with_coherence_are_truly_idle(monkeypatch)
 
 
 def test_coherence_is_off_under_a_low_input_floor() -> None:
-    """YOLOX-Nano's input floor stays at the configured 3-6 grey levels (Focus slices, no filter on the input):
-    coherence 12 does not apply there (most pixels would be held and tested again every frame), so the keyframe's
-    input delta is the plain one at its floor; YOLOv5n's, raised to its first filter's ~13 levels, takes it."""
+    """With a relative floor of 0.05 the input floor stays ~3-4 grey levels: coherence 12 does not apply there
+    (most pixels would be held and tested again every frame), so the keyframe's input delta is the plain one at
+    its floor. With 0.2 the input floor rises to the first filter's ~13 levels (YOLOX-Nano's behind its Focus
+    slices) and coherence holds part of the keyframe's requantisation noise."""
     from deluceva.delta.inputs import effective_coherence
     from deluceva.engine import Engine, EngineConfig
 
     with open_source(str(ROOT / "assets/video/one-by-one-person-detection.mp4"), start=20.9, max_frames=2) as src:
         frames = list(src)
-    for model, applies in (("yolox-nano", False), ("yolov5n", True)):
+    for model, relative, applies in (("yolov5n", 0.05, False), ("yolox-nano", 0.05, False), ("yolov5n", 0.2, True),
+                                     ("yolox-nano", 0.2, True)):
         det = load_model(model)
         eng = Engine(det, EngineConfig(mode="delta", imgsz="384x224", threads=1, plan="delta", filter_pct=0.01,
-                                       relative_floor=0.2, warmup=False))
+                                       relative_floor=relative, warmup=False))
         eng.process(frames[0])
         net = eng.delta_network
         applied = net._x.clone()

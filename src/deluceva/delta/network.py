@@ -45,6 +45,7 @@ from deluceva.delta.filter import DenseFilter, PixelFilter, make_filter
 from deluceva.delta.inputs import effective_coherence, input_delta
 from deluceva.delta.pixels import PixelDelta
 from deluceva.delta.registry import BuildContext, lookup
+from deluceva.delta.shape import ChannelCatUnit, IdentityUnit, SpatialSliceUnit
 from deluceva.delta.state import RowState
 from deluceva.errors import ModelError
 from deluceva.graph.passes import DENSE, VARYING
@@ -258,6 +259,11 @@ def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
+# units that only move values: a position of their output holds whole positions of their inputs (channels of one
+# pixel stay together; see DeltaNetwork._filters_reading_input)
+_REARRANGING = (SpatialSliceUnit, ChannelCatUnit, IdentityUnit)
+
+
 class DeltaNetwork(nn.Module):
     """Stateful delta-converted network: `out = net(x)` with the full input, same output structure as the original.
 
@@ -406,12 +412,34 @@ class DeltaNetwork(nn.Module):
         self.out_nodes = self.output_node.all_input_nodes
         self._filters = [f for s in self.delta_steps for f in s.filters if f is not None]
         self._first_filters = [next((f for f in s.filters if f is not None), None) for s in self.delta_steps]
-        # the filters on the network input (slot 0), when every unit reading it filters it per pixel
-        reads = [(f, i) for s in self.delta_steps for i, f in zip(s.ins, s.filters or [None] * len(s.ins),
-                                                                   strict=True) if i == 0]
-        per_pixel = all(isinstance(f, PixelFilter) and self.config.granularity == "pixel" for f, _ in reads)
-        self._input_filters = [f for f, _ in reads] if reads and per_pixel else []
         self._out_slots = [(n, self.slot_of[n]) for n in self.out_nodes if n.meta.get(VARYING)]
+        self._input_filters = self._filters_reading_input()
+
+    def _filters_reading_input(self) -> list[PixelFilter]:
+        """The filters that see the network input (slot 0) first: those of the units reading it, or reading it
+        through units that only move its values (a Focus stem's slices and concat: each of their positions holds
+        whole input pixels, so its largest change is the largest of those pixels'). Empty unless every such read
+        filters per pixel and no rearranged copy of the input reaches an output or an unfiltered unit otherwise."""
+        if self.config.granularity != "pixel":
+            return []
+        carried, filters = {0}, []
+        for s in self.delta_steps:
+            read = [i in carried for i in s.ins]
+            if not any(read):
+                continue
+            if isinstance(s.unit, _REARRANGING) and not any(s.filters or []):
+                if not all(read):  # input values mixed with others: a floor on the input would change what goes
+                    return []
+                carried.add(s.out)
+                continue
+            for i, f in zip(s.ins, s.filters or [None] * len(s.ins), strict=True):
+                if i in carried:
+                    if not isinstance(f, PixelFilter):
+                        return []
+                    filters.append(f)
+        if any(slot in carried for _, slot in self._out_slots):
+            return []
+        return filters
 
     def _add_filters(self, step: Step, ctx: BuildContext) -> None:
         unit = step.unit
