@@ -153,9 +153,10 @@ def _input_delta_coherent_nb(x, a, h, w, floor, coherence, cell, scratch, sums, 
 
 COHERENCE_CELL = 4  # pixels: coherence windows are 2 x 2 cells (8 x 8 pixels), on a grid of 4
 COHERENT_IDLE_CAP = 0.03  # InputMirror.unchanged: more pixels over the floor than this share is a busy frame
-# Coherence applies only where the input floor is at least this share of it: under a low floor (YOLOX-Nano's 3-6
-# grey levels, its input read through unfiltered Focus slices) most pixels are over it, the held ones are tested
-# again every frame (person video, 300 frames, all units delta: +10 ms per frame in the input pass, mAP 0.88 -> 0.72)
+# Coherence applies only where the input floor is at least this share of it: under a low floor (e.g. 3-6 grey
+# levels: YOLOX-Nano's before session 26 raised it to its first filter's behind the Focus slices) most pixels are
+# over it, the held ones are tested again every frame (person video, 300 frames, all units delta: +10 ms per frame
+# in the input pass, mAP 0.88 -> 0.72)
 COHERENCE_MIN_FLOOR = 0.75
 
 
