@@ -79,3 +79,33 @@ def test_a_re_seed_leaves_nothing_of_the_frames_before(yolov5n):
             assert used.last_dense == fresh.last_dense == (i == 0)
             for ya, yb in zip(a, b, strict=True):
                 assert torch.equal(ya, yb)
+
+
+def test_warm_up_runs_the_coherent_input_pass_and_the_mirror_kernels(yolov5n, monkeypatch):
+    """The input pass with a floor and coherence and the uint8 mirror's coherent idle check have kernels of their
+    own: the warm-up calls them (the first real delta frame had paid ~13 ms for them at 224x128, and a probe of the
+    delta network measured that frame as lost)."""
+    from deluceva.delta import inputs
+
+    if not inputs.HAVE_NUMBA:
+        pytest.skip("numba is not installed: no kernels to load")
+    calls: dict[str, int] = {}
+
+    def counting(name: str):
+        fn = getattr(inputs, name)
+
+        def wrapped(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args)
+
+        monkeypatch.setattr(inputs, name, wrapped)
+
+    for name in ("_input_delta_coherent_nb", "_coherent_change_nb", "_change_histogram_nb", "_mirror_update_nb"):
+        counting(name)
+    det, frames = yolov5n
+    net = convert(det.network, frames[0], filter_pct=50.0)
+    warm_up(net, tuple(frames[0].shape))
+    assert calls.get("_input_delta_coherent_nb", 0) > 0
+    assert net.config.input_floor == 0.0 and net.config.input_coherence == 0.0  # restored
+    inputs.warm_up_mirror()
+    assert all(calls.get(n, 0) > 0 for n in ("_coherent_change_nb", "_change_histogram_nb", "_mirror_update_nb"))

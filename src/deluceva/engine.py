@@ -158,9 +158,11 @@ class Engine:
             if self.config.filter_of != "changes" and not isinstance(self._plans, str):
                 self.plan_note += " (the profile was measured with --filter-of changes: its predictions assume it)"
             if self.config.warmup:
+                from deluceva.delta.inputs import warm_up_mirror
                 from deluceva.delta.warmup import warm_up
 
                 warm_up(self._delta, (1, 3, *hw))
+                warm_up_mirror()
         if self.config.mode == "delta":
             self._prepare_dense_engine(hw)
             self._prepare_seeder(hw)

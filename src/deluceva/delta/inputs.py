@@ -444,3 +444,19 @@ class InputMirror:
     def invalidate(self) -> None:
         self.image = None
         self.is_applied = self._hist_fresh = False
+
+
+def warm_up_mirror() -> None:
+    """Load InputMirror's compiled kernels on a tiny image (each costs 5-25 ms on its first call in a process, and
+    the coherent idle check's first call was paid by a real frame): a seed, a change of 4 pixels (under the
+    coherence, so the whole coherent check runs), the change histogram and an update."""
+    if not HAVE_NUMBA:
+        return
+    img = np.random.default_rng(0).integers(0, 200, (16, 16, 3), dtype=np.uint8)
+    mirror = InputMirror(0, 0, (16, 16))
+    mirror.seeded(img)
+    changed = img.copy()
+    changed[:2, :2] += 40
+    mirror.unchanged(changed, 3.0, 5.0)
+    mirror.typical_change(changed)
+    mirror.applied(changed, np.arange(4, dtype=np.int64))
