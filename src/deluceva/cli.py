@@ -54,7 +54,7 @@ def detect(
     coherence: Annotated[float, typer.Option(
         help="Delta mode, --filter > 0: an input pixel over the floor also waits unless its 8x8 window's mean "
              "change exceeds this many grey levels (codec keyframe noise averages out, moving objects do not; "
-             "applies where the input floor is at least 3/4 of it, e.g. YOLOv5n with --relative-floor 0.2); "
+             "applies where the input floor is at least 3/4 of it, e.g. with --relative-floor 0.2); "
              "0: off")] = 12.0,
     filter_of: Annotated[str, typer.Option(
         help="Delta mode: --filter is a percentage of each filter's changed positions (changes) or of all its "
