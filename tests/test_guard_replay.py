@@ -102,3 +102,48 @@ def test_early_returns_lost_in_a_row_wait_longer_each_time():
         assert d == "ort"
         guard.observe("ort", 40.0)
     assert waits[1:] == [PROBE_STAY * 2, PROBE_STAY * 4, PROBE_STAY * 8]
+
+
+def test_no_re_seed_lands_on_an_exposure_ramp_under_the_input_floor():
+    """Car video, frames 60-80 (an exposure swing): at YOLOv5n's input floor at R 0.2 (13.5 grey levels) under 10%
+    of the pixels change, yet 30-80% change by more than 3 levels; a re-seed there costs 2-3x the dense engine and
+    its delta frames lose. The guard takes no re-seed on such a frame (wide share >= WIDE_SHARE) and takes it on the
+    next calm one."""
+    from deluceva.plan.guard import WIDE_LEVEL, WIDE_SHARE, change_shares
+    from deluceva.video import open_source
+    from deluceva.zoo.registry import load_model
+
+    det = load_model("yolov5n")
+    with open_source(str(RESULTS.parents[1] / "assets/video/car-detection.mp4"), max_frames=80) as src:
+        hw = det.input_hw("768x448", src.source_hw)
+        xs = [det.preprocess(f.rgb, hw)[0] for f in src if f.index >= 59]
+    shares = [change_shares(x, p, (13.5 / 255, WIDE_LEVEL / 255)) for p, x in zip(xs, xs[1:], strict=False)]
+    ramps = [(a, w) for a, w in shares if w >= WIDE_SHARE]
+    assert len(ramps) >= 8 and all(a < 0.1 for a, _ in ramps)  # calm at the floor, a ramp under it
+
+    def after_a_stay(a: float, wide: float | None) -> str:
+        guard = FrameGuard(DeltaCost(10.0, 50.0, 0.01), ort_ms=40.0, seed_ms=80.0)
+        guard._to_ort(2)
+        for _ in range(2):
+            assert guard.decide(a, wide) == "ort"
+            guard.observe("ort", 40.0)
+        return guard.decide(a, wide)
+
+    a, wide = ramps[0]
+    assert after_a_stay(a, wide) == "ort"
+    assert after_a_stay(a, 0.1) == after_a_stay(a, None) == "reseed"
+
+
+def test_the_input_mirror_reads_both_change_shares_off_one_histogram():
+    from deluceva.delta.inputs import InputMirror
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(20, 200, (64, 80, 3), dtype=np.uint8)
+    mirror = InputMirror(0, 0, (64, 80))
+    mirror.previous(img)
+    assert mirror.change_shares((13.5, 3.0)) is None  # no frame compared yet
+    moved = img.copy()
+    moved[:32, :, 0] += 5  # half the pixels by 5 levels
+    moved[:8, :, 1] += 30  # an eighth by 30
+    mirror.typical_change(moved)
+    assert mirror.change_shares((13.5, 3.0)) == pytest.approx([0.125, 0.5])

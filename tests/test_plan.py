@@ -353,7 +353,7 @@ def test_engine_exact_at_filter_0_across_ort_delta_ort(setup, tmp_path, monkeypa
     det, frames, _, prof = setup
     path = make_planset(_with_dense_engine_ms(prof, 1e6)).save(tmp_path / "plan.json")  # units bands + guard
     script = iter(["delta", "delta", "ort", "ort", "reseed", "delta", "delta", "ort"])
-    monkeypatch.setattr(FrameGuard, "decide", lambda self, a: next(script))
+    monkeypatch.setattr(FrameGuard, "decide", lambda self, a, wide=None: next(script))
     eng = Engine(det, EngineConfig(mode="delta", imgsz=f"{HW[1]}x{HW[0]}", plan=str(path)))
     eng.ensure_prepared((432, 768))
     ran = []

@@ -128,6 +128,7 @@ class Engine:
         self._stats_frame: int | None = None  # the delta network's frame `last_unit_stats` describes
         self._mirror: InputMirror | None = None  # delta mode: uint8 copy of the network's applied input
         self._frame_floor = self.config.input_noise_floor  # this frame's input floor (grey levels; _noise_floor_for)
+        self._content_share = 1.0  # the frame's share of the network input (the rest: letterbox padding)
         self.filter_pct = self.config.filter_pct  # the current target percentage (error control moves it)
         self._probe: ErrorProbe | None = None
         self._controller: PIController | None = None
@@ -288,7 +289,7 @@ class Engine:
 
     def _guard_decision(self, plan: Any, x: torch.Tensor, floor: float) -> tuple[str, float | None, Any]:
         """('delta' | 'ort' | 'reseed', input activity or None, the guard or None) for this frame and plan band."""
-        from deluceva.plan.guard import PROBE_RATIO, PROBE_STAY, DeltaCost, FrameGuard, activity
+        from deluceva.plan.guard import PROBE_RATIO, PROBE_STAY, WIDE_LEVEL, DeltaCost, FrameGuard, change_shares
 
         if plan is None or plan.dense_ms is None or self._input_hw not in self._dense:
             return "delta", None, None
@@ -319,18 +320,22 @@ class Engine:
                 return guard.start_probe(), None, guard
         elif band != last and last == "ort-probe":
             guard.leave_dense_band()
+        wide = None  # share of the image's pixels changed by more than WIDE_LEVEL grey levels (a ramp: no re-seed)
         if prev is None or prev.shape != x.shape:
             act = 1.0
         elif guard.needs_activity():  # during a stay, off the adaptive floor's histogram against the previous frame
-            act = None if self._mirror is None else self._mirror.activity(self._input_floor_grey())
-            if act is None:
+            grey = self._input_floor_grey()
+            shares = None if self._mirror is None else self._mirror.change_shares((grey, WIDE_LEVEL))
+            if shares is None:
+                scale = float(getattr(self.detector, "input_scale", 1 / 255))
                 with single_threaded():
-                    act = activity(x, prev, floor)
+                    shares = change_shares(x, prev, (floor, WIDE_LEVEL * scale))
+            act, wide = shares[0], shares[1] / max(self._content_share, 0.05)  # the share of the image, not canvas
         else:
             act = None  # a stay on the dense engine
         if prev is None and band == "units":
             return "reseed", act, guard
-        return guard.decide(act), act, guard
+        return guard.decide(act, wide), act, guard
 
     def share_dense_engine(self, other: Engine) -> None:
         """Run dense frames on `other`'s dense executors (one ONNX Runtime session and thread pool per input size for
@@ -364,6 +369,8 @@ class Engine:
             outs = self._dense[hw](x)
             with single_threaded():
                 return self.detector.postprocess(outs, geo), "dense"
+        sh, sw = geo.source_hw
+        self._content_share = min(1.0, sh * geo.scale_xy[1] * sw * geo.scale_xy[0] / (hw[0] * hw[1]))
         outs, mode = self._run_delta(x)
         net = self._delta
         probe = self._probe

@@ -403,6 +403,11 @@ class InputMirror:
         above = int(self._hist[int(math.floor(floor_grey)) + 1:].sum())
         return above / (-(-ch // 4) * -(-cw // 4)) if above else 0.0
 
+    def change_shares(self, floors_grey: tuple[float, ...]) -> list[float] | None:
+        """`activity` at each of `floors_grey` from the same histogram; None when `activity` is."""
+        shares = [self.activity(f) for f in floors_grey]
+        return None if None in shares else shares  # type: ignore[return-value]
+
     def seeded(self, img: np.ndarray) -> None:
         a = self.image
         if img.dtype != np.uint8:

@@ -85,6 +85,10 @@ EARLY_WINDOW = 10  # a stay on the dense engine ends early when its last this ma
 EARLY_RATIO = 0.8  # ... cost at most this x the dense engine with a re-seed's extra cost spread over `horizon`
 PRICED_MIN = 3  # measured delta frames of about an activity needed to price it (`measured_ms`) ...
 PRICED_SPAN = 2.0  # ... their activity within this factor of it
+# A frame on which at least WIDE_SHARE of the pixels changed by more than WIDE_LEVEL grey levels takes no re-seed:
+# an exposure ramp too gentle to pass the input floor (car video, YOLOX-Nano: a re-seed at activity 0.07 in the
+# middle of a swing cost 2-3x ONNX Runtime, and its first delta frame lost). The levels of `bench plan`'s swings.
+WIDE_LEVEL, WIDE_SHARE = 3.0, 0.3
 
 
 UNPROFILED_DELTA = 0.5  # an unprofiled network's guessed calm delta frame, x the dense engine (then measured) ...
@@ -106,9 +110,13 @@ def activity(x: torch.Tensor, prev: torch.Tensor, floor: float, step: int = 4) -
     units band, ORT frames included: ~0.25 ms at 768x448 with step 4 (0.57 ms with step 2; 0.8 ms inside the
     engine, YOLOX-Nano 416, a third of the mixed engine's extra time on an ONNX Runtime frame); the 12k-20k pixels
     sampled estimate the fraction within ~0.5%."""
-    a = x[..., ::step, ::step]
-    b = prev[..., ::step, ::step]
-    return float(((a - b).abs().amax(1) > floor).float().mean())
+    return change_shares(x, prev, (floor,), step)[0]
+
+
+def change_shares(x: torch.Tensor, prev: torch.Tensor, levels: tuple[float, ...], step: int = 4) -> list[float]:
+    """`activity` at each of `levels` (network input units) from one pass over the sampled pixels."""
+    d = (x[..., ::step, ::step] - prev[..., ::step, ::step]).abs().amax(1)
+    return [float((d > level).float().mean()) for level in levels]
 
 
 def _near(frames: deque, a: float) -> list[float]:
@@ -288,13 +296,16 @@ class FrameGuard:
         ort = self.ort
         return EARLY_RATIO * ort - max(0.0, self.seed - ort) / self.horizon
 
-    def decide(self, a: float | None) -> str:
+    def decide(self, a: float | None, wide: float | None = None) -> str:
         """'delta' | 'ort' | 'reseed' for a frame of input activity `a` (the caller runs it and calls observe);
-        `a` may be None when `needs_activity()` is False."""
+        `a` may be None when `needs_activity()` is False. wide: the share of pixels that changed by more than
+        WIDE_LEVEL grey levels (None: not measured); from WIDE_SHARE on, the frame takes no re-seed (see
+        `_seedable`)."""
+        ramp = wide is not None and wide >= WIDE_SHARE
         if self.state == "ort":
             self._stayed += 1
             early = a is not None and self._may_end_early() and self._ends_early(a)  # adds a to the window
-            if early and (self.stay > 0 or a <= self.calm_activity):
+            if early and not ramp and (self.stay > 0 or a <= self.calm_activity):
                 self.stay = 0
                 self._early = True
                 return self._probe_now()  # judged like a probe: two delta frames, back with the back-off if lost
@@ -304,6 +315,7 @@ class FrameGuard:
         if a is None:
             raise ValueError("FrameGuard.decide: this frame's activity is needed")
         calm = a <= self.calm_activity
+        seedable = calm and not ramp  # a re-seed's frame: calm, and no exposure ramp under the floor going on
         if self.state == "delta":
             probe_measures = self._probing and len(self._recent) < 2
             if probe_measures and not calm and self.delta_ms(a, scale_bump=False) > self.limit * self.ort:
@@ -326,23 +338,23 @@ class FrameGuard:
             over = pred > self.limit * self.ort  # never run a frame above the limit on the delta network
             rent = pred > self.ort and self._excess + pred - self.ort > self.seed - self.ort  # ski rental
             if over or rent:
-                if calm and not self._lost and self._cycle_n > self.min_cycle and self.reseed_pays(a):  # backlog
+                if seedable and not self._lost and self._cycle_n > self.min_cycle and self.reseed_pays(a):  # backlog
                     # (not in a cycle's first frames: with a profile that underprices this content, each re-seed's
                     # first delta frame re-seeded again)
                     return self._reseed()
                 self._to_ort(self.min_stay)  # swing, or this cycle lost from its start: probe again later
                 return "ort"
-            if self._reseed_next and calm:
+            if self._reseed_next and seedable:
                 return self._reseed()
             self._acts.append(a)
             self._last_a = a
             return "delta"
-        if calm and self.probe:
+        if seedable and self.probe:
             if self._priced_lost(a):  # this content was measured a clear loss at about this activity: wait again
                 self._to_ort(self.min_stay)
                 return "ort"
             return self._probe_now()
-        if calm and self.reseed_pays(a):
+        if seedable and self.reseed_pays(a):
             return self._reseed()
         return "ort"
 
