@@ -298,9 +298,9 @@ class FrameGuard:
 
     def decide(self, a: float | None, wide: float | None = None) -> str:
         """'delta' | 'ort' | 'reseed' for a frame of input activity `a` (the caller runs it and calls observe);
-        `a` may be None when `needs_activity()` is False. wide: the share of pixels that changed by more than
-        WIDE_LEVEL grey levels (None: not measured); from WIDE_SHARE on, the frame takes no re-seed (see
-        `_seedable`)."""
+        `a` may be None when `needs_activity()` is False. wide: the share of the image's pixels that changed by more
+        than WIDE_LEVEL grey levels (None: not measured); from WIDE_SHARE on, the frame takes no re-seed (no probe,
+        early return, renewal or recovery re-seed: an exposure ramp under the input floor)."""
         ramp = wide is not None and wide >= WIDE_SHARE
         if self.state == "ort":
             self._stayed += 1
